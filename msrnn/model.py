@@ -1,0 +1,226 @@
+"""Llama/Mistral written as a multi-state RNN.
+
+    logits, state = model.step(tokens, state, policy)      # one token per row; the state is updated in place
+
+A decoder layer's "hidden state" is the set of (key, value) pairs of every token it has seen: the multi-state. A new
+token adds its own pair, attends over all n+1 pairs, and the policy then keeps at most k of them. With no policy the
+state grows forever and the recurrence computes exactly the causal transformer; `model(tokens)` is that same function
+evaluated for all positions at once and serves as the reference.
+
+Every entry point runs one loop, `_advance`, over T new tokens per row: T = 1 is the recurrence (`step`), T > 1 a
+parallel (chunked) prefill. Shapes: B batch rows, T new tokens, d hidden size, H query heads, Hkv kv heads,
+G = H / Hkv query heads per kv head, hd head dim, S states held by a layer after adding the new ones (n + T).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .errors import InputError
+from .policies import Policy
+from .rope import cos_sin, inv_frequencies, rotate
+from .state import EMPTY, State
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # normalise in fp32 whatever the model's dtype (as transformers does)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def attend(q, keys, values, qpos, kpos, window):
+    """Softmax attention of T queries over the S states of a layer, visibility decided by positions alone.
+
+    q (B, Hkv, G, T, hd); keys, values (B, Hkv, S, hd); qpos (B, T); kpos (B, Hkv, S).
+    Returns out (B, Hkv, G, T, hd) and the fp32 probabilities (B, Hkv, G, T, S).
+    """
+    B, Hkv, G, T, hd = q.shape
+    S = keys.shape[2]
+    scores = q.reshape(B, Hkv, G * T, hd) @ keys.transpose(-1, -2)  # (B, Hkv, G*T, S): no repeat_kv copy
+    scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(hd))
+    age = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, Hkv, T, S) how far back each state lies
+    visible = (kpos[:, :, None, :] != EMPTY) & (age >= 0)  # causal: a query sees itself and the past
+    if window is not None:
+        visible &= age < window  # Mistral: 0 <= i - j < sliding_window
+    scores = scores.masked_fill(~visible[:, :, None], torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, Hkv, G, T, S) fp32 as in transformers
+    out = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values  # (B, Hkv, G*T, hd)
+    return out.view(B, Hkv, G, T, hd), probs
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm attention over the layer's multi-state, then a pre-norm SwiGLU MLP."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(d, (H + 2 * Hkv) * hd, bias=cfg.attention_bias)  # q_proj | k_proj | v_proj, fused
+        self.o = nn.Linear(H * hd, d, bias=cfg.attention_bias)
+        self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate_proj | up_proj, fused
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+
+    def forward(self, x, layer_state, pos, cos, sin, policy: Policy | None):
+        """x (B, T, d) -> (B, T, d); layer_state grows by T, then the policy bounds it."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = self.qkv(self.attn_norm(x)).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = rotate(q, cos[:, None, None], sin[:, None, None]), rotate(k, cos[:, None], sin[:, None])
+
+        layer_state.append(k, v, pos)  # n -> n + T states
+        S = layer_state.size
+        out, probs = attend(q, layer_state.keys[:, :, :S], layer_state.values[:, :, :S], pos,
+                            layer_state.pos[:, :, :S], cfg.sliding_window)
+        if policy is not None and policy.states is not None:
+            attn = probs.reshape(B, H, T, S)  # (B, H, T, S) query head h = kv head h // G
+            layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], attn)
+            if S > policy.states:  # the paper's order: attend over n+1, then keep k
+                prio = policy.priority(attn[:, :, -1], layer_state.pos[:, :, :S], layer_state.score[:, :, :S])
+                layer_state.evict(prio, policy.states)
+
+        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # heads back side by side: (B, T, H*hd)
+        x = x + self.o(out)
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, I) each
+        return x + self.down(F.silu(gate) * up)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.identity = ""  # where the weights came from (checked when a saved state is loaded)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def init_state(self, batch_size: int = 1, policy: Policy | None = None) -> State:
+        """An empty multi-state for `batch_size` rows, with room for the policy's budget + the incoming token."""
+        cfg = self.cfg
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        states = getattr(policy, "states", None)
+        capacity = states + 1 if states is not None else 64
+        meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
+        return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
+                           self.dtype, meta=meta)
+
+    # --- the one loop -------------------------------------------------------------------------------------------
+    def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None) -> torch.Tensor:
+        """Feed T new tokens per row through every layer, updating `state`; returns final hidden (B, T, d)."""
+        self._check(tokens, state, policy)
+        B, T = tokens.shape
+        pos = state.next_pos[:, None] + torch.arange(T)  # (B, T) absolute positions of the new tokens
+        seq_len = int(pos.max()) + 1  # dynamic RoPE scales by the length of this forward call (transformers' rule)
+        inv_freq = inv_frequencies(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, seq_len)
+        cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
+        x = self.embed(tokens)  # (B, T, d)
+        for block, layer_state in zip(self.layers, state.layers):
+            x = block(x, layer_state, pos, cos, sin, policy)
+        state.next_pos = state.next_pos + T
+        return self.norm(x)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # tied: the embedding matrix
+        return F.linear(h, weight).float()  # (..., vocab)
+
+    # --- public API ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The reference: the ordinary causal transformer over tokens (B, T) -> logits (B, T, vocab), fp32."""
+        tokens = torch.as_tensor(tokens)
+        state = self.init_state(tokens.shape[0])
+        return self._logits(self._advance(tokens, state, None))
+
+    @torch.inference_mode()
+    def step(self, tokens, state: State | None = None, policy: Policy | None = None):
+        """One step of the recurrence: tokens (B,) -> (logits (B, vocab) fp32, state).
+
+        The state is updated in place and returned (fork() it first to keep the old one). None starts a new one.
+        """
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 1:
+            raise InputError(f"step takes one token per batch row, shape (B,); got shape {tuple(tokens.shape)}. "
+                             "Use prefill() for a prompt.")
+        if state is None:
+            state = self.init_state(tokens.shape[0], policy)
+        h = self._advance(tokens[:, None], state, policy)  # (B, 1, d)
+        return self._logits(h[:, 0]), state
+
+    @torch.inference_mode()
+    def prefill(self, tokens, state: State | None = None, policy: Policy | None = None, mode: str = "exact",
+                all_logits: bool = False):
+        """Consume a prompt tokens (B, T). Returns (logits, state): logits of the last token (B, vocab), or of every
+        token (B, T, vocab) with all_logits=True.
+
+        mode="exact": the prompt is run as the recurrence, token by token with eviction at every step (the paper's
+        Algorithm 1). The first tokens that cannot trigger an eviction (while the state holds <= k) go in one parallel
+        call, which computes the same thing.
+        mode="fast": one parallel call over the whole prompt, then a single eviction down to k by the last query's
+        attention (what the official TOVA code and kvpress do). Identical to "exact" when nothing is evicted.
+        """
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise InputError(f"prefill takes a prompt of shape (B, T) with T >= 1; got shape {tuple(tokens.shape)}.")
+        if mode not in ("exact", "fast"):
+            raise InputError(f"prefill mode {mode!r} is unknown; choose 'exact' or 'fast'.")
+        if state is None:
+            state = self.init_state(tokens.shape[0], policy)
+        budget = getattr(policy, "states", None)
+        if mode == "fast" or budget is None:
+            chunks = [tokens]
+        else:  # parallel up to the budget, then one token at a time
+            free = max(budget - state.size, 0)
+            chunks = [tokens[:, :free]] if free else []
+            chunks += list(tokens[:, free:].split(1, dim=1))
+        hidden = [self._advance(chunk, state, policy) for chunk in chunks]
+        if all_logits:
+            return self._logits(torch.cat(hidden, dim=1)), state
+        return self._logits(hidden[-1][:, -1]), state
+
+    def _check(self, tokens: torch.Tensor, state: State, policy: Policy | None) -> None:
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
+            raise InputError(f"token id {bad} is out of range for a vocabulary of {self.cfg.vocab_size} "
+                             f"(valid ids: 0..{self.cfg.vocab_size - 1}); was the text encoded with this model's tokenizer?")
+        if tokens.shape[0] != state.batch_size:
+            raise InputError(f"{tokens.shape[0]} token rows for a state of batch size {state.batch_size}; "
+                             f"make the state with model.init_state({tokens.shape[0]}).")
+        if len(state.layers) != self.cfg.num_hidden_layers or state.layers[0].keys.shape[1:] != (
+            self.cfg.num_key_value_heads, state.layers[0].capacity, self.cfg.head_dim
+        ):
+            raise InputError("this state was made by a model of another shape; make it with this model's init_state().")
+        if policy is not None and not isinstance(policy, Policy):
+            raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got {type(policy).__name__}; "
+                             "build one with msrnn.policies.make_policy(name, states).")
+
+    # --- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str | Path, dtype: torch.dtype | str = torch.float32, **kwargs) -> "Transformer":
+        """A local checkpoint directory (config.json + safetensors), a hub id, or a .gguf file. See weights.py."""
+        from .weights import load_model
+
+        return load_model(source, dtype=dtype, **kwargs)

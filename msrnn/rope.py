@@ -1,0 +1,60 @@
+"""Rotary position embedding (RoPE), in the "rotate-half" layout of Hugging Face Llama.
+
+A key at absolute position t is rotated once, when it enters the multi-state, and cached rotated: the state holds
+keys *after* RoPE (TOVA's and transformers' convention). Pair i of a head's dimensions is the couple (x[i], x[i + hd/2])
+and turns by the angle t * inv_freq[i].
+
+Scaling types change only `inv_freq`:
+- default:  inv_freq[i] = theta^(-2i/hd)
+- linear:   divided by `factor` (positions squeezed by factor)
+- dynamic:  NTK-aware: theta grows with the sequence length once it passes max_position_embeddings; the length is the
+            one of the forward pass that computes the rotation (transformers' rule), so a key keeps the rotation it got
+            when it was cached
+- llama3:   long wavelengths divided by `factor`, short ones kept, a smooth blend between (Llama 3.1)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int = 0) -> torch.Tensor:
+    """(hd/2,) float32 angular speed of each rotated pair. `seq_len` matters only for dynamic scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (hd/2,)
+    theta = rope.theta
+    if rope.type == "dynamic":
+        seq_len = max(seq_len, max_position_embeddings)  # no scaling inside the trained context
+        theta = theta * ((rope.factor * seq_len / max_position_embeddings) - (rope.factor - 1)) ** (
+            head_dim / (head_dim - 2)
+        )
+    inv_freq = 1.0 / (theta**exponents)  # (hd/2,)
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_freq_wavelen = old_context / rope.low_freq_factor
+        high_freq_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)  # long waves slowed
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, (..., hd), computed in float32 and then cast (as transformers does)."""
+    angles = positions[..., None].float() * inv_freq  # (..., hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., hd): the same angle for x[i] and x[i + hd/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., hd) turned by the angles behind cos/sin (broadcastable to x): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (-x2, x1)
+    return x * cos + rotated_half * sin

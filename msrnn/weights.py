@@ -1,0 +1,167 @@
+"""Where weights come from: a local HF directory, a hub id, or a GGUF file -> a ready `Transformer`.
+
+Checkpoints use Hugging Face parameter names; msrnn fuses q/k/v and gate/up into one matrix each (one matmul instead
+of three/two per token), so loading is a renaming plus two concatenations. Pickle checkpoints (.bin, .pt) are refused:
+unpickling runs arbitrary code. Only safetensors (and GGUF) are read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import CheckpointError
+
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja", "chat_template.json"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise CheckpointError(f"dtype {dtype!r} is not supported; use float32 (fp32) or bfloat16 (bf16).")
+
+
+def resolve(source: str | Path) -> Path:
+    """A local directory or .gguf file as is; anything shaped like 'org/name' through the hub (cache first)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{text} does not exist: give a checkpoint directory, a .gguf file or a hub id 'org/name'.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline without a cached copy, unknown repo, no network...
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set and the hub cache has no copy)" if offline else ""
+        raise CheckpointError(f"could not get {text!r} from the Hugging Face hub{hint}: {type(e).__name__}: {e}") from None
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        if pickles:
+            raise CheckpointError(
+                f"{directory} holds only pickle weights ({', '.join(pickles)}); msrnn never unpickles. Convert once "
+                "with transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, "
+                "safe_serialization=True), then load out_dir.")
+        raise CheckpointError(f"{directory} has no model.safetensors nor model.safetensors.index.json.")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise CheckpointError(f"shard {shard} listed in model.safetensors.index.json is missing from {directory}.")
+        tensors.update(load_file(str(directory / shard)))
+    return tensors
+
+
+def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face Llama/Mistral checkpoint of this config holds, with its shape."""
+    d, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+                 "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+                 "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+                 "mlp.gate_proj.weight": (i, d), "mlp.up_proj.weight": (i, d), "mlp.down_proj.weight": (d, i)}
+        if cfg.attention_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,)})
+        if cfg.mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (d,)})
+        shapes.update({p + k: v for k, v in layer.items()})
+    return shapes
+
+
+def to_msrnn(cfg: Config, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check HF-named tensors against the config and rename/fuse them into msrnn's state_dict."""
+    hf = dict(hf)
+    if cfg.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(hf))
+    unexpected = sorted(set(hf) - set(want) - {k for k in hf if k.endswith("rotary_emb.inv_freq")})
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else "") + "; does config.json match the weights?")
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:5])}"
+                              + (" ..." if len(unexpected) > 5 else "") + "; does config.json match the weights?")
+    for name, shape in want.items():
+        if tuple(hf[name].shape) != shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(hf[name].shape)}, the config implies {shape}.")
+    out = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    for n in range(cfg.num_hidden_layers):
+        p, a, m = f"model.layers.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        o = f"layers.{n}."
+        out[o + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
+        out[o + "mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        out[o + "o.weight"] = hf[a + "o_proj.weight"]
+        out[o + "down.weight"] = hf[m + "down_proj.weight"]
+        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+            out[o + "qkv." + kind] = torch.cat([hf[a + f"{x}_proj.{kind}"] for x in "qkv"])
+        if cfg.attention_bias:
+            out[o + "o.bias"] = hf[a + "o_proj.bias"]
+        for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+            out[o + "gate_up." + kind] = torch.cat([hf[m + f"{x}_proj.{kind}"] for x in ("gate", "up")])
+        if cfg.mlp_bias:
+            out[o + "down.bias"] = hf[m + "down_proj.bias"]
+    return out
+
+
+def build(cfg: Config, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype, identity: str):
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    sd = {k: v.to(dtype) for k, v in to_msrnn(cfg, hf_tensors).items()}
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.identity = identity
+    return model.eval().requires_grad_(False)
+
+
+def load_model(source: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
+    """`Transformer` from a checkpoint directory, a hub id, a .gguf file, or (None) the bundled SmolLM2 GGUF."""
+    dtype = parse_dtype(dtype)
+    if source is None:
+        from .gguf import bundled_gguf_path
+
+        source = bundled_gguf_path()
+    path = resolve(source)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                raise CheckpointError(f"{path} is a pickle checkpoint; msrnn never unpickles. Convert it to safetensors "
+                                      "(transformers: save_pretrained(out_dir, safe_serialization=True)).")
+            raise CheckpointError(f"{path} is a file msrnn cannot load: give a directory with config.json or a .gguf file.")
+        from .gguf import read_gguf
+
+        config, tensors = read_gguf(path, dtype=dtype)
+        return build(Config.from_dict(config), tensors, dtype, identity=f"gguf:{path.name}")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: is this a Hugging Face checkpoint directory?")
+    cfg = Config.from_json(path / "config.json")
+    return build(cfg, read_safetensors(path), dtype, identity=f"dir:{path.resolve().name}")
