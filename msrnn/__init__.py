@@ -10,7 +10,8 @@ from .errors import CheckpointError, ConfigError, InputError, MsrnnError
 from .model import Transformer
 from .policies import make_policy
 from .state import LayerState, State
+from .weights import load
 
 __version__ = "0.1.0"
-__all__ = ["Transformer", "Config", "State", "LayerState", "policies", "make_policy", "MsrnnError",
+__all__ = ["Transformer", "load", "Config", "State", "LayerState", "policies", "make_policy", "MsrnnError",
            "ConfigError", "CheckpointError", "InputError"]

@@ -165,3 +165,15 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | str = torc
         raise CheckpointError(f"{path} has no config.json: is this a Hugging Face checkpoint directory?")
     cfg = Config.from_json(path / "config.json")
     return build(cfg, read_safetensors(path), dtype, identity=f"dir:{path.resolve().name}")
+
+
+def load(source: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer) from one source; None is the bundled SmolLM2-135M-Instruct GGUF (works offline)."""
+    from .tokenizer import Tokenizer
+
+    if source is None:
+        from .gguf import bundled_gguf_path
+
+        source = bundled_gguf_path()
+    path = resolve(source)
+    return load_model(path, dtype=dtype), Tokenizer.from_pretrained(path)
