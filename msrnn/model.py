@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import Config
 from .errors import InputError
 from .policies import Policy
-from .rope import cos_sin, inv_frequencies, rotate
+from .rope import cos_sin, effective_positions, inv_frequencies, rotate
 from .state import EMPTY, State
 
 
@@ -73,8 +73,11 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate_proj | up_proj, fused
         self.down = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
 
-    def forward(self, x, layer_state, pos, cos, sin, policy: Policy | None):
-        """x (B, T, d) -> (B, T, d); layer_state grows by T, then the policy bounds it."""
+    def forward(self, x, layer_state, pos, rope, policy: Policy | None):
+        """x (B, T, d) -> (B, T, d); layer_state grows by T, then the policy bounds it.
+
+        rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T).
+        """
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -82,17 +85,23 @@ class Block(nn.Module):
         q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
         k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = rotate(q, cos[:, None, None], sin[:, None, None]), rotate(k, cos[:, None], sin[:, None])
-
+        inv_freq, cos, sin = rope
+        scheme = policy.positions if policy is not None else "absolute"
+        if scheme == "absolute":  # keys are cached rotated, once, at their absolute position
+            q, k = rotate(q, cos[:, None, None], sin[:, None, None]), rotate(k, cos[:, None], sin[:, None])
         layer_state.append(k, v, pos)  # n -> n + T states
         S = layer_state.size
-        out, probs = attend(q, layer_state.keys[:, :, :S], layer_state.values[:, :, :S], pos,
-                            layer_state.pos[:, :, :S], cfg.sliding_window)
+        kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
+        if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
+            c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, x.dtype)  # (B, Hkv, S, hd)
+            keys = rotate(keys, c, s)
+            q = rotate(q, c[:, :, None, S - T :], s[:, :, None, S - T :])  # a query sits where its own key sits
+        out, probs = attend(q, keys, layer_state.values[:, :, :S], pos, kpos, cfg.sliding_window)
         if policy is not None and policy.states is not None:
             attn = probs.reshape(B, H, T, S)  # (B, H, T, S) query head h = kv head h // G
             layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], attn)
             if S > policy.states:  # the paper's order: attend over n+1, then keep k
-                prio = policy.priority(attn[:, :, -1], layer_state.pos[:, :, :S], layer_state.score[:, :, :S])
+                prio = policy.priority(attn[:, :, -1], kpos, layer_state.score[:, :, :S])
                 layer_state.evict(prio, policy.states)
 
         out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # heads back side by side: (B, T, H*hd)
@@ -123,8 +132,9 @@ class Transformer(nn.Module):
         states = getattr(policy, "states", None)
         capacity = states + 1 if states is not None else 64
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
+        rope_at_use = getattr(policy, "positions", "absolute") != "absolute"
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
-                           self.dtype, meta=meta)
+                           self.dtype, rope_at_use=rope_at_use, meta=meta)
 
     # --- the one loop -------------------------------------------------------------------------------------------
     def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None) -> torch.Tensor:
@@ -137,7 +147,7 @@ class Transformer(nn.Module):
         cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
         x = self.embed(tokens)  # (B, T, d)
         for block, layer_state in zip(self.layers, state.layers):
-            x = block(x, layer_state, pos, cos, sin, policy)
+            x = block(x, layer_state, pos, (inv_freq, cos, sin), policy)
         state.next_pos = state.next_pos + T
         return self.norm(x)
 
@@ -193,7 +203,7 @@ class Transformer(nn.Module):
         else:  # parallel up to the budget, then one token at a time
             free = max(budget - state.size, 0)
             chunks = [tokens[:, :free]] if free else []
-            chunks += list(tokens[:, free:].split(1, dim=1))
+            chunks += list(tokens[:, free:].split(1, dim=1)) if tokens.shape[1] > free else []
         hidden = [self._advance(chunk, state, policy) for chunk in chunks]
         if all_logits:
             return self._logits(torch.cat(hidden, dim=1)), state
@@ -216,6 +226,9 @@ class Transformer(nn.Module):
         if policy is not None and not isinstance(policy, Policy):
             raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got {type(policy).__name__}; "
                              "build one with msrnn.policies.make_policy(name, states).")
+        if state.rope_at_use != (getattr(policy, "positions", "absolute") != "absolute"):
+            raise InputError("this state caches keys for another position scheme than the policy's; make the state "
+                             "with model.init_state(batch_size, policy) for the policy you step with.")
 
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod

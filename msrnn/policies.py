@@ -145,10 +145,7 @@ class H2OLayer(H2O):
     name = "h2o-layer"
 
     def update(self, score, attn):
-        return score + attn.sum(dim=(1, 2))[:, None, :]  # (B, 1, n) broadcast to every kv head
-
-    def priority(self, attn, pos, score):
-        return super().priority(attn, pos, score)[:, :1]  # every kv head holds the same states
+        return score + attn.sum(dim=(1, 2))[:, None, :]  # (B, 1, n) broadcast: every kv head keeps the same states
 
 
 class Baseline(Policy):

@@ -58,3 +58,32 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (-x2, x1)
     return x * cos + rotated_half * sin
+
+
+LOGLOG_LINEAR = 10  # gaps up to this many tokens keep their exact length under the loglog scheme
+
+
+def compress_gap(gap: torch.Tensor, scheme: str) -> torch.Tensor:
+    """How far apart two neighbouring kept states are made to look, given their true distance `gap` (>= 0)."""
+    gap = gap.float()
+    if scheme == "absolute":
+        return gap
+    if scheme == "shift":
+        return gap.clamp(max=1)  # neighbours in the state are neighbours in position (StreamingLLM)
+    # loglog: exact up to LOGLOG_LINEAR, then growing like ln(ln(gap)); continuous and increasing in the gap.
+    big = LOGLOG_LINEAR + torch.log(torch.log(gap.clamp(min=LOGLOG_LINEAR))) - math.log(math.log(LOGLOG_LINEAR))
+    return torch.where(gap <= LOGLOG_LINEAR, gap, big)
+
+
+def effective_positions(pos: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Positions the kept states are rotated at, (..., S) float, from their absolute positions pos (..., S).
+
+    Walk the kept states in position order from a virtual origin at -1; each step advances by the compressed gap.
+    absolute: the positions themselves. shift: 0, 1, 2, ... in position order. loglog: long jumps shrunk.
+    Empty slots (pos == -1) get gap 0 and are masked out anyway.
+    """
+    order = pos.argsort(dim=-1)  # (..., S) empty slots (-1) first, then increasing positions
+    sorted_pos = pos.gather(-1, order)
+    prev = torch.cat([torch.full_like(sorted_pos[..., :1], -1), sorted_pos[..., :-1]], dim=-1)
+    eff_sorted = compress_gap(sorted_pos - prev, scheme).cumsum(-1) - 1  # (..., S)
+    return torch.empty_like(eff_sorted).scatter_(-1, order, eff_sorted)  # back to slot order

@@ -71,7 +71,8 @@ class LayerState:
         """
         B, Hkv, n = self.pos.shape[0], self.pos.shape[1], self.size
         prio = priority.expand(B, Hkv, n).masked_fill(self.pos[:, :, :n] == EMPTY, float("-inf"))
-        if n == budget + 1 and not torch.isinf(prio).any():
+        drop = prio == float("-inf")  # (B, Hkv, n) states to drop whatever the budget
+        if n == budget + 1 and not drop.any():
             # The recurrence's steady state: one state out, the newest (slot n-1) moves into its slot.
             slot = prio.argmin(dim=-1)  # (B, Hkv) the state to drop; may be the newest itself
             newest = n - 1
@@ -82,10 +83,10 @@ class LayerState:
                 buf.scatter_(2, slot[:, :, None], buf[:, :, newest : newest + 1].clone())
             self.size = budget
             return
-        # General case (prefill's one-shot eviction, resets, padding): top-`budget` of the finite priorities.
-        kept = min(budget, int(torch.isfinite(prio).sum(-1).max()))
+        # General case (prefill's one-shot eviction, resets, padding): the top `budget` of what may stay.
+        kept = min(budget, int((~drop).sum(-1).max()))
         idx = prio.topk(kept, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, kept) slots to keep, in slot order
-        dropped = torch.isinf(prio.gather(-1, idx))  # (B, Hkv, kept) a row with fewer finite entries pads with holes
+        dropped = drop.gather(-1, idx)  # (B, Hkv, kept) a row with fewer survivors than another pads with holes
         for buf in (self.keys, self.values):
             buf[:, :, :kept] = buf.gather(2, idx[..., None].expand(-1, -1, -1, buf.shape[-1]))
         self.pos[:, :, :kept] = self.pos.gather(2, idx).masked_fill(dropped, EMPTY)
