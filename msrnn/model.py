@@ -34,26 +34,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # normalise in fp32 whatever the model's dtype (as transformers does)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps), computed in fp32 whatever the model's dtype (as transformers does), then scaled
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-def attend(q, keys, values, qpos, kpos, window):
+def attend(q, keys, values, qpos, kpos, window, all_visible=False):
     """Softmax attention of T queries over the S states of a layer, visibility decided by positions alone.
 
     q (B, Hkv, G, T, hd); keys, values (B, Hkv, S, hd); qpos (B, T); kpos (B, Hkv, S).
+    all_visible: the caller knows every state is visible to every query (one query, no empty slot, no window).
     Returns out (B, Hkv, G, T, hd) and the fp32 probabilities (B, Hkv, G, T, S).
     """
     B, Hkv, G, T, hd = q.shape
     S = keys.shape[2]
     scores = q.reshape(B, Hkv, G * T, hd) @ keys.transpose(-1, -2)  # (B, Hkv, G*T, S): no repeat_kv copy
     scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(hd))
-    age = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, Hkv, T, S) how far back each state lies
-    visible = (kpos[:, :, None, :] != EMPTY) & (age >= 0)  # causal: a query sees itself and the past
-    if window is not None:
-        visible &= age < window  # Mistral: 0 <= i - j < sliding_window
-    scores = scores.masked_fill(~visible[:, :, None], torch.finfo(scores.dtype).min)
+    if not all_visible:
+        age = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, Hkv, T, S) how far back each state lies
+        visible = (kpos[:, :, None, :] != EMPTY) & (age >= 0)  # causal: a query sees itself and the past
+        if window is not None:
+            visible &= age < window  # Mistral: 0 <= i - j < sliding_window
+        scores = scores.masked_fill(~visible[:, :, None], torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, Hkv, G, T, S) fp32 as in transformers
     out = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values  # (B, Hkv, G*T, hd)
     return out.view(B, Hkv, G, T, hd), probs
@@ -81,14 +82,15 @@ class Block(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q, k, v = self.qkv(self.attn_norm(x)).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
-        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q | k | v, hd)
         inv_freq, cos, sin = rope
         scheme = policy.positions if policy is not None else "absolute"
         if scheme == "absolute":  # keys are cached rotated, once, at their absolute position
-            q, k = rotate(q, cos[:, None, None], sin[:, None, None]), rotate(k, cos[:, None], sin[:, None])
+            qk = rotate(qkv[:, :, : H + Hkv], cos[:, :, None], sin[:, :, None])  # q and k heads in one rotation
+            qkv = torch.cat([qk, qkv[:, :, H + Hkv :]], dim=2)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
         layer_state.append(k, v, pos)  # n -> n + T states
         S = layer_state.size
         kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
@@ -96,10 +98,12 @@ class Block(nn.Module):
             c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, x.dtype)  # (B, Hkv, S, hd)
             keys = rotate(keys, c, s)
             q = rotate(q, c[:, :, None, S - T :], s[:, :, None, S - T :])  # a query sits where its own key sits
-        out, probs = attend(q, keys, layer_state.values[:, :, :S], pos, kpos, cfg.sliding_window)
+        all_visible = T == 1 and cfg.sliding_window is None and not layer_state.maybe_empty
+        out, probs = attend(q, keys, layer_state.values[:, :, :S], pos, kpos, cfg.sliding_window, all_visible)
         if policy is not None and policy.states is not None:
             attn = probs.reshape(B, H, T, S)  # (B, H, T, S) query head h = kv head h // G
-            layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], attn)
+            if type(policy).update is not Policy.update:  # only policies that keep a running score
+                layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], attn)
             if S > policy.states:  # the paper's order: attend over n+1, then keep k
                 prio = policy.priority(attn[:, :, -1], kpos, layer_state.score[:, :, :S])
                 layer_state.evict(prio, policy.states)

@@ -32,6 +32,7 @@ class LayerState:
     pos: torch.Tensor  # (B, Hkv, C) int64 absolute position of each slot, EMPTY if unused
     score: torch.Tensor  # (B, Hkv, C) float32, the policy's running score of each slot
     size: int = 0  # slots in use: [0, size)
+    maybe_empty: bool = True  # False only while no slot in [0, size) can be EMPTY (lets attention skip its mask)
 
     def __len__(self) -> int:
         return self.size
@@ -70,7 +71,9 @@ class LayerState:
         priority: (B, 1 or Hkv, size) float; one row per kv head for head-wise policies, broadcast for layer-wise.
         """
         B, Hkv, n = self.pos.shape[0], self.pos.shape[1], self.size
-        prio = priority.expand(B, Hkv, n).masked_fill(self.pos[:, :, :n] == EMPTY, float("-inf"))
+        prio = priority.expand(B, Hkv, n)
+        if self.maybe_empty:
+            prio = prio.masked_fill(self.pos[:, :, :n] == EMPTY, float("-inf"))
         drop = prio == float("-inf")  # (B, Hkv, n) states to drop whatever the budget
         if n == budget + 1 and not drop.any():
             # The recurrence's steady state: one state out, the newest (slot n-1) moves into its slot.
@@ -92,9 +95,11 @@ class LayerState:
         self.pos[:, :, :kept] = self.pos.gather(2, idx).masked_fill(dropped, EMPTY)
         self.score[:, :, :kept] = self.score.gather(2, idx)
         self.size = kept
+        self.maybe_empty = self.maybe_empty or bool(dropped.any())
 
     def copy(self) -> "LayerState":
-        return LayerState(self.keys.clone(), self.values.clone(), self.pos.clone(), self.score.clone(), self.size)
+        return LayerState(self.keys.clone(), self.values.clone(), self.pos.clone(), self.score.clone(), self.size,
+                          self.maybe_empty)
 
 
 @dataclass
@@ -114,6 +119,7 @@ class State:
                 values=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype),
                 pos=torch.full((batch_size, kv_heads, capacity), EMPTY, dtype=torch.int64),
                 score=torch.zeros(batch_size, kv_heads, capacity, dtype=torch.float32),
+                maybe_empty=False,  # slots are filled in order from 0 by append
             )
 
         next_pos = torch.zeros(batch_size, dtype=torch.int64)

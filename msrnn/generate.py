@@ -1,0 +1,480 @@
+"""Generation: run the multi-state RNN on its own output, and the `generate`, `chat` and `info` commands.
+
+    for piece in generate(model, "Once upon a time", tok, policy="tova", states=256):
+        print(piece, end="", flush=True)
+
+The loop is the paper's recurrence and nothing more: prefill the prompt into a state, then repeatedly pick a token
+from the logits (`sample`) and feed it back with `model.step`. With a bounded policy the state never holds more than
+k states per layer, however long the generation or the conversation goes on: that is what makes a bounded
+transformer an RNN, and why `msrnn chat` can continue past the model's context length with constant memory.
+
+Batches of prompts of different lengths. msrnn's model has no padding mask: a row's visible states are decided by
+their positions alone. So we never pad a prompt. Each prompt is prefilled alone in its own batch-1 state (exactly
+what it would see alone, evictions included), and the row states are then stacked into one batch state
+(`stack_states`): a shorter row's unused slots get position -1 (EMPTY), which attention masks out and eviction drops
+first. Decoding then steps all rows together, and each row gets the tokens it would get alone (greedy), up to
+floating-point summation order. One caveat: `dynamic` RoPE scaling depends on the longest position in the call, so
+with that (rare) rope type the rows of a batch do see each other's lengths, as in transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .errors import InputError
+from .policies import POLICIES, Policy, make_policy
+from .state import EMPTY, LayerState, State
+
+PREFILL_MODES = ("exact", "fast")
+INFO_BUDGETS = (64, 256, 512, 1024, 2048)
+CHAT_DEFAULT_POLICY, CHAT_DEFAULT_STATES = "tova", 512
+
+
+# --- choosing the next token ----------------------------------------------------------------------------------------
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise InputError for settings `sample` cannot honour (checked once, before any work is done)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be a positive integer or None, got {top_k!r}.")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V).
+
+    temperature 0 is greedy (argmax; top_k/top_p are then irrelevant). Otherwise the logits are divided by the
+    temperature, cut to the top_k most likely tokens and to the smallest set whose probability reaches top_p
+    (nucleus sampling; the most likely token always survives), and one token is drawn with `generator`.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # (B, V) mass of the more likely tokens
+        ordered = ordered.masked_fill(before >= top_p, float("-inf"))  # already reached top_p without this one
+        logits = logits.scatter(-1, order, ordered)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]  # (B,)
+
+
+def make_sampler(temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits (B, V) -> ids (B,), with its own random generator when a seed is given (reproducible runs)."""
+    check_sampling(temperature, top_k, top_p)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InputError(f"seed must be an integer or None, got {seed!r}.")
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    return lambda logits: sample(logits, temperature, top_k, top_p, generator)
+
+
+def resolve_policy(policy: Policy | str | None, states: int | None = None) -> Policy | None:
+    """A policy name plus a budget, a Policy object, or None (unbounded) -> Policy | None."""
+    if policy is None:
+        if states is not None:
+            raise InputError(f"states={states} was given without a policy; name one, e.g. policy='tova' "
+                             "(--policy tova), or drop states for the unbounded transformer.")
+        return None
+    if isinstance(policy, str):
+        return make_policy(policy, states)
+    if isinstance(policy, Policy):
+        if states is not None and states != policy.states:
+            raise InputError(f"states={states} contradicts the policy object's own budget ({policy!r}); drop states.")
+        return policy
+    raise InputError(f"policy must be a name ({', '.join(POLICIES)}), a msrnn.policies.Policy or None; "
+                     f"got {type(policy).__name__}.")
+
+
+def eos_ids(model, tokenizer=None) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS ids and the model config's (they may differ)."""
+    ids = list(getattr(tokenizer, "eos_ids", ()) or ()) + list(model.cfg.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+# --- prompts --------------------------------------------------------------------------------------------------------
+def encode_prompts(prompt, tokenizer=None, chat: bool = False) -> tuple[list[list[int]], bool]:
+    """(one list of ids per row, batched?) from a string, a list of ids, or a list of strings (or of id lists)."""
+    if isinstance(prompt, str):
+        return [_encode(prompt, tokenizer, chat)], False
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        if chat:
+            raise InputError("chat=True needs the prompt as text (the chat template formats text); got token ids.")
+        return [list(prompt)], False
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+        rows = [_encode(p, tokenizer, chat) if isinstance(p, str) else encode_prompts(list(p), tokenizer, chat)[0][0]
+                for p in prompt]
+        return rows, True
+    raise InputError("prompt must be a string, a non-empty list of token ids, or a non-empty list of strings "
+                     f"(a batch); got {type(prompt).__name__} {str(prompt)[:40]!r}.")
+
+
+def _encode(text: str, tokenizer, chat: bool) -> list[int]:
+    if tokenizer is None:
+        raise InputError("a text prompt needs a tokenizer: pass tokenizer=... (msrnn.load returns one) "
+                         "or give the prompt as token ids.")
+    if chat:  # the template writes BOS itself where the model wants one (as transformers' tokenize=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_bos=False if chat else None)
+    if not ids:
+        raise InputError("the prompt is empty (no tokens): give some text to continue.")
+    return ids
+
+
+# --- batch states ---------------------------------------------------------------------------------------------------
+def stack_states(states: list[State]) -> State:
+    """One batch state from batch states of different sizes (rows in order). A row with fewer states than the
+    largest gets EMPTY slots (position -1): invisible to attention, and the first thing eviction drops."""
+    first = states[0]
+    if any(s.rope_at_use != first.rope_at_use or len(s.layers) != len(first.layers) for s in states):
+        raise InputError("cannot stack states made by different models or position schemes.")
+    layers = [_stack_layers([s.layers[i] for s in states]) for i in range(len(first.layers))]
+    return State(layers, torch.cat([s.next_pos for s in states]), first.rope_at_use, dict(first.meta))
+
+
+def _stack_layers(rows: list[LayerState]) -> LayerState:
+    size = max(r.size for r in rows)
+    capacity = max(size + 1, *(r.capacity for r in rows))  # room for the next token; append() grows beyond
+    ref, B = rows[0], sum(r.keys.shape[0] for r in rows)
+    _, Hkv, _, hd = ref.keys.shape
+    out = LayerState(keys=ref.keys.new_zeros(B, Hkv, capacity, hd), values=ref.values.new_zeros(B, Hkv, capacity, hd),
+                     pos=ref.pos.new_full((B, Hkv, capacity), EMPTY), score=ref.score.new_zeros(B, Hkv, capacity),
+                     size=size)
+    b = 0
+    for r in rows:
+        rows_here, n = r.keys.shape[0], r.size
+        for dst, src in ((out.keys, r.keys), (out.values, r.values), (out.pos, r.pos), (out.score, r.score)):
+            dst[b : b + rows_here, :, :n] = src[:, :, :n]  # (rows, Hkv, n, ...) the row's states, slots [0, n)
+        b += rows_here
+    return out
+
+
+def prefill_rows(model, rows: list[list[int]], policy: Policy | None, mode: str = "exact"):
+    """Prefill each prompt alone (no padding, so each row sees exactly its own tokens), then stack the row states.
+
+    Returns logits of each prompt's last token (B, V) and the batch state."""
+    device = model.embed.weight.device
+    results = [model.prefill(torch.tensor([row], device=device), None, policy, mode) for row in rows]
+    logits = torch.cat([lg for lg, _ in results])  # (B, V)
+    state = results[0][1] if len(results) == 1 else stack_states([s for _, s in results])
+    return logits, state
+
+
+# --- the decoding loop ----------------------------------------------------------------------------------------------
+def decode_tokens(model, logits: torch.Tensor, state: State, policy: Policy | None, max_new_tokens: int,
+                  pick: Callable[[torch.Tensor], torch.Tensor], stop_ids: Sequence[int] = (),
+                  feed_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The recurrence run on its own output. Yields (tokens (B,), new (B,) bool) per step: `new` marks the rows
+    whose token belongs to their answer (not an id of `stop_ids`, row not finished before).
+
+    A finished row keeps being fed its own picks (a batch steps together) but nothing more of it is reported. The
+    last token picked is fed to the state only with `feed_last` (for a caller that will continue the state);
+    otherwise the state ends having seen every token but the last one.
+    """
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)  # (B,)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=logits.device)
+    for i in range(max_new_tokens):
+        tokens = pick(logits)  # (B,)
+        ended = torch.isin(tokens, stop)  # (B,)
+        yield tokens, ~done & ~ended
+        done |= ended
+        if bool(done.all()) or (i == max_new_tokens - 1 and not feed_last):
+            return
+        logits, state = model.step(tokens, state, policy)
+
+
+def _check_run(max_new_tokens, prefill: str) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+    if prefill not in PREFILL_MODES:
+        raise InputError(f"prefill={prefill!r} is unknown; choose 'exact' (the recurrence) or 'fast' (one parallel "
+                         "pass, then one eviction).")
+
+
+def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, states: int | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, prefill: str = "exact", stop_at_eos: bool = True,
+             chat: bool = False, state: State | None = None) -> Iterator:
+    """Stream the continuation of `prompt`, piece by piece as tokens arrive.
+
+    prompt: a string (encoded with `tokenizer`; with chat=True first wrapped in the tokenizer's chat template), a
+    list of token ids, or a list of strings / id lists (a batch of prompts of any lengths).
+    policy: a name with `states` (policy="tova", states=256), a Policy object, or None (unbounded transformer).
+    temperature 0 is greedy; `seed` makes sampling reproducible. Stops at an EOS id (the tokenizer's and the model
+    config's) unless stop_at_eos=False; the EOS token itself is not yielded.
+    state: continue this single-row state (updated in place) instead of starting a new one; afterwards it has seen
+    the prompt and every yielded token, so the next call can continue the same conversation.
+
+    Yields text pieces (str) for one prompt, (row, piece) pairs for a batch; token ids instead of text when no
+    tokenizer is given. Arguments are checked when called, before the first token is asked for.
+    """
+    policy = resolve_policy(policy, states)
+    _check_run(max_new_tokens, prefill)
+    rows, batched = encode_prompts(prompt, tokenizer, chat)
+    vocab = model.cfg.vocab_size
+    if bad := [i for row in rows for i in row if not 0 <= i < vocab]:
+        raise InputError(f"token id {bad[0]} is out of range for a vocabulary of {vocab}; "
+                         "was the prompt encoded with this model's tokenizer?")
+    if state is not None and len(rows) != 1:
+        raise InputError("state= continues a single prompt; give one prompt, or no state for a batch.")
+    pick = make_sampler(temperature, top_k, top_p, seed, model.embed.weight.device)
+    stop = eos_ids(model, tokenizer) if stop_at_eos else []
+    tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state)
+    return _pieces(tokens, tokenizer, len(rows), batched)
+
+
+def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state) -> Iterator[tuple[int, int]]:
+    """(row, token id) for every answer token, in order."""
+    continuing = state is not None  # the caller keeps the state: it must see the prompt and the last token too
+    if continuing:
+        logits, state = model.prefill(torch.tensor(rows, device=model.embed.weight.device), state, policy, prefill)
+    elif max_new_tokens == 0:
+        return
+    else:
+        logits, state = prefill_rows(model, rows, policy, prefill)
+    for tokens, new in decode_tokens(model, logits, state, policy, max_new_tokens, pick, stop, continuing):
+        for row in new.nonzero()[:, 0].tolist():
+            yield row, int(tokens[row])
+
+
+def _pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool) -> Iterator:
+    """Turn (row, id) into text pieces with one incremental decoder per row (a character may span tokens)."""
+    decoders = [tokenizer.stream_decoder() for _ in range(batch)] if tokenizer is not None else None
+    for row, token in tokens:
+        piece = decoders[row].push(token) if decoders else token
+        if piece != "":
+            yield (row, piece) if batched else piece
+    for row, decoder in enumerate(decoders or []):
+        if piece := decoder.flush():
+            yield (row, piece) if batched else piece
+
+
+def generate_text(model, prompt, tokenizer=None, **kwargs) -> str | list[str]:
+    """`generate` collected: the answer text, or a list of them for a batch of prompts."""
+    if tokenizer is None:
+        raise InputError("generate_text needs a tokenizer to return text; use generate() to get token ids.")
+    rows, batched = encode_prompts(prompt, tokenizer, kwargs.pop("chat", False))
+    texts = [""] * len(rows)
+    for item in generate(model, rows if batched else rows[0], tokenizer, **kwargs):
+        row, piece = item if batched else (0, item)
+        texts[row] += piece
+    return texts if batched else texts[0]
+
+
+# --- info -----------------------------------------------------------------------------------------------------------
+def model_info(model) -> dict:
+    """What a model is and what its multi-state costs: per token, for typical budgets, and at full context."""
+    cfg = model.cfg
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize  # k + v
+    budgets = sorted({*INFO_BUDGETS, cfg.max_position_embeddings})
+    return {
+        "source": model.identity,
+        "config": cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),  # a tied embedding counts once
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "state_bytes_per_token": per_token,
+        "state_bytes": {k: k * per_token for k in budgets},
+    }
+
+
+def info(model) -> str:
+    """`model_info` as the text `msrnn info` prints."""
+    d = model_info(model)
+    cfg = d.pop("config")
+    rope = cfg.pop("rope")
+    lines = [f"source: {d['source'] or '(in memory)'}", f"parameters: {d['parameters']:,} ({d['dtype']})"]
+    lines += [f"{k}: {v}" for k, v in cfg.items()]
+    scaling = {k: v for k, v in rope.items() if v is not None and k != "theta"} if rope["type"] != "default" else {}
+    lines += ["rope: " + ", ".join(f"{k}={v}" for k, v in {"theta": rope["theta"], **scaling}.items())]
+    lines += ["", f"state per token (keys + values, {cfg['num_hidden_layers']} layers): "
+                  f"{human_bytes(d['state_bytes_per_token'])}"]
+    full = cfg["max_position_embeddings"]
+    for k, n in d["state_bytes"].items():
+        note = "  (max_position_embeddings: the unbounded transformer at full context)" if k == full else ""
+        lines.append(f"  {k:>7,} states: {human_bytes(n):>10}{note}")
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    """Register `msrnn generate`, `msrnn chat` and `msrnn info` (see cli.py)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "generate", formatter_class=fmt, help="continue a prompt, streaming the text",
+        description="Continue a prompt with the model run as a (bounded) multi-state RNN, streaming the text to "
+                    "stdout. Greedy by default (reproducible); --temperature > 0 samples.",
+        epilog='example:\n  msrnn generate --chat "What is the capital of France?" --policy tova --states 64\n'
+               '  msrnn generate "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 0 --max-new-tokens 200')
+    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
+    _model_args(p)
+    _policy_args(p, default_note="default: none, the unbounded transformer")
+    _sampling_args(p, max_new_tokens=128)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--verbose", "-v", action="store_true", help="report tokens/s and the state size on stderr")
+    p.set_defaults(func=run_generate)
+
+    p = subparsers.add_parser(
+        "chat", formatter_class=fmt, help="talk with a chat model; one bounded state for the whole conversation",
+        description="A chat REPL: type a message, get the answer; /quit or end of input (Ctrl-D) ends it. The whole "
+                    "conversation lives in ONE bounded multi-state: each turn feeds only its new tokens, and the "
+                    f"policy keeps at most --states per layer, so the chat can run past the model's context length in "
+                    f"constant memory. Default policy: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states.",
+        epilog='example:\n  msrnn chat --policy tova --states 256 --system "Answer in one sentence." --verbose')
+    _model_args(p)
+    _policy_args(p, default_note=f"default: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states")
+    _sampling_args(p, max_new_tokens=256)
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the state size after each answer (stderr)")
+    p.set_defaults(func=run_chat)
+
+    p = subparsers.add_parser(
+        "info", formatter_class=fmt, help="a model's config, size and state memory per budget",
+        description="Print a checkpoint's config, parameter count and dtype, and what its multi-state costs: bytes "
+                    "per remembered token, for budgets of 64..2048 states, and at the full context length.",
+        epilog="example:\n  msrnn info\n  msrnn info --model path/to/checkpoint --dtype bf16")
+    _model_args(p)
+    p.set_defaults(func=run_info)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint directory, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and state dtype (default fp32)")
+
+
+def _policy_args(p, default_note: str) -> None:
+    p.add_argument("--policy", choices=list(POLICIES), help=f"which states to keep ({default_note})")
+    p.add_argument("--states", type=int, metavar="K", help="the policy's budget: states kept per layer")
+    p.add_argument("--prefill", default="exact", choices=PREFILL_MODES,
+                   help="exact: the prompt runs as the recurrence (evicting per token); fast: one parallel pass, "
+                        "then one eviction (default exact)")
+
+
+def _sampling_args(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"stop after N tokens (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample within the top probability mass P (nucleus)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+
+
+def _load(args):
+    from .weights import load
+
+    if sys.stderr.isatty():
+        print(f"msrnn: loading {args.model or 'the bundled SmolLM2-135M-Instruct'}...", file=sys.stderr, flush=True)
+    return load(args.model, dtype=args.dtype)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, prefill=args.prefill)
+
+
+def run_generate(args) -> None:
+    policy = resolve_policy(args.policy, args.states)
+    model, tokenizer = _load(args)
+    [prompt], _ = encode_prompts(args.prompt, tokenizer, args.chat)
+    state = model.init_state(1, policy) if args.verbose else None  # our own state, to report on it afterwards
+    times = [time.perf_counter()]
+    _write(generate(model, prompt, tokenizer, policy=policy, state=state, **_sampling(args)), times)
+    if args.verbose:
+        n = int(state.next_pos[0]) - len(prompt)  # the state has seen the prompt and every new token
+        timing = f"; first piece after {times[1] - times[0]:.1f} s" if len(times) > 1 else ""
+        timing += f", then {(n - 1) / (times[-1] - times[1]):.1f} tokens/s" if len(times) > 2 else ""
+        print(f"[{len(prompt)} prompt tokens, {n} new{timing}; {describe_state(state, policy)}]", file=sys.stderr)
+
+
+def _write(pieces: Iterator[str], times: list[float] | None = None) -> None:
+    """Stream text to stdout as it comes, flushing each piece, and end the line; appends each piece's time to
+    `times`."""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        if times is not None:
+            times.append(time.perf_counter())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def describe_state(state: State, policy: Policy | None) -> str:
+    return (f"state: {state.size} states/layer, {human_bytes(state.nbytes())}, {int(state.next_pos[0])} tokens seen, "
+            f"policy {policy!r}")
+
+
+def run_info(args) -> None:
+    from .weights import load_model
+
+    print(info(load_model(args.model, dtype=args.dtype)))
+
+
+def run_chat(args) -> None:
+    if args.policy is None:  # a chat should outlive the context length: bounded unless asked otherwise
+        args.policy, args.states = CHAT_DEFAULT_POLICY, args.states or CHAT_DEFAULT_STATES
+        print(f"msrnn: policy {args.policy} with {args.states} states (change with --policy/--states; "
+              "--policy full is the unbounded transformer)", file=sys.stderr)
+    policy = resolve_policy(args.policy, args.states)
+    model, tokenizer = _load(args)
+    session = ChatSession(model, tokenizer, policy, system=args.system, **_sampling(args))
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        if not line.strip():
+            continue
+        _write(session.say(line.rstrip("\n")))
+        if args.verbose:
+            print(f"[{describe_state(session.state, policy)}]", file=sys.stderr)
+
+
+class ChatSession:
+    """A conversation kept in ONE multi-state. Each turn renders the whole conversation with the chat template and
+    feeds only the text the state has not seen yet (the part after the longest common prefix with what was fed), so
+    the cost of a turn is its own length, and with a bounded policy the memory stays k states per layer however
+    long the chat goes on."""
+
+    def __init__(self, model, tokenizer, policy: Policy | None, system: str | None = None, **sampling):
+        _check_run(sampling.get("max_new_tokens", 0), sampling.get("prefill", "exact"))
+        check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k"), sampling.get("top_p"))
+        self.model, self.tokenizer, self.policy, self.sampling = model, tokenizer, policy, sampling
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.state = model.init_state(1, policy)
+        self.fed = ""  # the conversation text the state has seen
+
+    def say(self, text: str) -> Iterator[str]:
+        """Stream the answer to the user's `text`; the conversation (and the state) then include both."""
+        self.messages.append({"role": "user", "content": text})
+        full = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        seen = len(os.path.commonprefix([full, self.fed]))
+        ids = self.tokenizer.encode(full[seen:], add_bos=False)  # the chat template writes BOS where wanted
+        answer = []
+        for piece in generate(self.model, ids, self.tokenizer, policy=self.policy, state=self.state,
+                              **self.sampling):
+            answer.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(answer)})
+        self.fed = full + "".join(answer)
