@@ -227,6 +227,13 @@ class Transformer(nn.Module):
             self.cfg.num_key_value_heads, state.layers[0].capacity, self.cfg.head_dim
         ):
             raise InputError("this state was made by a model of another shape; make it with this model's init_state().")
+        made_by = state.meta.get("model")
+        if made_by and self.identity and made_by != self.identity:
+            raise InputError(f"this state was made by the model {made_by!r}, not by this one ({self.identity!r}); "
+                             "continue a state with the model that made it, or start a new one with model.init_state().")
+        if state.layers[0].keys.dtype != self.dtype:
+            raise InputError(f"this state holds {state.layers[0].keys.dtype} keys and values but the model runs in "
+                             f"{self.dtype}; load the model with the dtype the state was made with (dtype=...).")
         if policy is not None and not isinstance(policy, Policy):
             raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got {type(policy).__name__}; "
                              "build one with msrnn.policies.make_policy(name, states).")

@@ -2,7 +2,7 @@
 
 After the new token has attended to all n+1 states of a layer, the model asks the layer's policy which states to keep
 when there are more than `states` (k) of them. A policy answers with a *priority* per state: the model keeps the k
-states of highest priority (an exact tie keeps the lower slot) and drops every state whose priority is -inf.
+states of highest priority (an exact tie is broken arbitrarily) and drops every state whose priority is -inf.
 Constant +inf marks a state that must stay (attention sinks, a recent window).
 
 What a policy sees (plain tensors; no model needed in a unit test):

@@ -6,6 +6,7 @@ unpickling runs arbitrary code. Only safetensors (and GGUF) are read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -139,7 +140,11 @@ def build(cfg: Config, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype, 
         model = Transformer(cfg)
     sd = {k: v.to(dtype) for k, v in to_msrnn(cfg, hf_tensors).items()}
     model.load_state_dict(sd, assign=True, strict=True)
-    model.identity = identity
+    # The name says where the weights came from; the fingerprint (config + a few embedding values) tells apart two
+    # checkpoints that share a name, so a saved state is never continued by a model that did not make it.
+    probe = json.dumps(cfg.__dict__, sort_keys=True, default=str).encode() + hf_tensors["model.embed_tokens.weight"][
+        :2, :8].to(torch.bfloat16).float().numpy().tobytes()  # bf16-rounded: same for either dtype
+    model.identity = f"{identity}#{hashlib.sha1(probe).hexdigest()[:12]}"
     return model.eval().requires_grad_(False)
 
 
