@@ -1,0 +1,830 @@
+"""Evaluation: the paper's language-modelling experiments (perplexity of a bounded multi-state RNN).
+
+    from msrnn import load, make_policy
+    from msrnn.eval import perplexity, compare
+    model, tok = load()                                                   # the bundled SmolLM2-135M
+    tokens = torch.tensor(tok.encode(text)[:2048])                        # one chunk; (B, T) for B chunks
+    losses = perplexity(model, tokens, policy=make_policy("tova", 256))   # tokens (T,) -> losses (T-1,) fp32
+    ppl = losses.mean().exp()                                             # exp of the mean cross-entropy
+    s = compare(model, tokens, make_policy("tova", 256))                  # + top-1 agreement and KL to `full`
+    s.ppl, s.agreement, s.mean_kl                                         # floats; s.loss, s.agree, s.kl per token
+
+What is measured (the paper's setting, section 5): a text is tokenized (no BOS unless the tokenizer adds one), cut
+into chunks of `context` tokens (the paper cuts PG-19 into 4,096-token chunks), and every chunk is run through the
+recurrence from an EMPTY state with the policy; the cross-entropy of every next token is accumulated and
+PPL = exp(mean cross-entropy over all scored tokens of all chunks). Next to the loss, two distances to the unbounded
+model (`full`, the ordinary transformer) on the same text: top-1 agreement (does the policy's argmax equal the full
+model's?) and KL(full || policy) of the next-token distributions, both per token, in nats for the KL.
+
+Shapes: B chunks of T tokens; logits index t (after token t) predicts token t+1, so a chunk has T-1 next tokens,
+positions 1..T-1. With a prompt of P tokens (below) the scored next tokens are positions max(P,1)..T-1, N of them;
+every per-token tensor returned here is (B, N), or (N,) for a 1-D input.
+
+exact vs fast (`prefill=`). `exact` is the recurrence itself: every token is fed one at a time and the policy evicts
+after every token (model.prefill(mode="exact") / the paper's Algorithm 1). `fast` is how kvpress and the official
+TOVA code use a policy: a prompt is consumed in ONE parallel pass with full attention, compressed ONCE down to k by
+the last prompt token's attention (model.prefill(mode="fast")), and only what follows is decoded token by token with
+eviction. For an evaluation, `fast` therefore means: the first P tokens of each chunk are a prompt (default P = T//2)
+read the fast way, and the rest is decoded. The prompt's own next tokens are predicted by the parallel pass with
+full attention, so they say nothing about the policy: only positions P..T-1 are scored. To compare the two modes
+on the same tokens, give the exact run the same prompt (`--prompt P`): exact with a prompt is the same recurrence,
+merely scored on P..T-1. Default prompt: 0 for exact (every next token is scored, as in the paper),
+T//2 for fast. The prompt is part of every result file, so runs with different prompts are never mixed.
+
+Why it is fast (every shortcut computes the same function, up to the order of float sums):
+- `full` once: the unbounded model's log-probabilities come from one parallel pass per batch of chunks (a chunked
+  prefill: model(tokens) in pieces of 256 tokens, half the time of one (T x T) attention at T = 2,048); its
+  perplexity, and the reference for agreement and KL of every policy, are read from it.
+- The shared prefix: before a policy has to evict, it IS the full model. Under budget k (exact) the first k
+  tokens never trigger an eviction, and the prediction at index k still attends to everything, so positions
+  1..k of a policy are copied from `full`, and the state after the smallest budget's prefix is one parallel
+  prefill shared by every policy that keeps no running score (H2O prefills its own, to accumulate its score). In
+  fast mode the prefix is the prompt (or k, whichever is longer); the single eviction happens at its last token.
+- One step serves every cell: all policies x all budgets x the chunks of a batch are ONE batch state (6 x 4 x 2
+  = 48 rows for the paper's grid on two chunks). `RowPolicies` asks each member policy about its own rows and
+  `RowBudgetLayer` keeps each row's own k (a smaller budget leaves holes that attention masks out). A step's
+  cost grows much slower than its rows: the matrix products run at 13 GFLOP/s with 2 rows, 17 with 12 and 32
+  with 48 on one core of the 2-core test machine, so one step of 48 rows costs far less than 24 steps of 2.
+- Nothing of size (T, vocab) is kept per policy: losses, agreement and KL are reduced at every step; only the
+  reference (B, T-1, vocab) fp32 log-probabilities of the current batch of chunks are held (402 MB per 2,048-token
+  chunk of a 49,152-token vocabulary; `--batch` bounds it).
+
+`msrnn eval ppl` runs the grid policies x budgets and writes the paper's Table 3 layout (markdown, CSV, JSON, PNG);
+`msrnn eval stream` runs one long stream far past the trained context and reports PPL and memory per window.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import InputError
+from .policies import INF, POLICIES, Policy, make_policy
+from .state import EMPTY, LayerState, State
+
+PREFILL_MODES = ("exact", "fast")
+DEFAULT_POLICIES = "full,baseline,window,sinks,h2o,tova-head,tova"
+DEFAULT_BATCH = 2  # chunks per batch state: 2 x 24 cells = 48 rows, past which a step gains little per row
+
+
+# --- per-token measures -------------------------------------------------------------------------------------------
+def next_token_loss(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the true next token: logprobs (..., V), targets (...) -> (...) fp32 nats."""
+    return -logprobs.gather(-1, targets[..., None])[..., 0]
+
+
+def top1_agreement(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """(..., V), (..., V) -> (...) bool: does the policy predict the same most likely token as the full model?"""
+    return full_logprobs.argmax(-1) == logprobs.argmax(-1)
+
+
+def kl_full_policy(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(full || policy) per position, in nats: sum_v p_full(v) (log p_full(v) - log p_policy(v)). Inputs are
+    log-softmaxed logits (..., V) in fp32; the result (...) is >= 0 up to rounding (~1e-7)."""
+    return (full_logprobs.exp() * (full_logprobs - logprobs)).sum(-1)
+
+
+@dataclass
+class Reference:
+    """The unbounded model on a batch of chunks, computed once and reused by every policy.
+
+    logprobs (B, T-1, V) fp32: next-token log-probabilities at indices 0..T-2; loss (B, T-1); top1 (B, T-1).
+    Computed as a chunked prefill of the unbounded state, `piece` tokens per call: the same function as
+    model(tokens), but the attention of a call is (piece x S) instead of (T x T), twice as fast at T = 2,048."""
+
+    logprobs: torch.Tensor
+    loss: torch.Tensor
+    top1: torch.Tensor
+
+    @classmethod
+    @torch.inference_mode()
+    def compute(cls, model, tokens: torch.Tensor, piece: int = 256) -> "Reference":
+        B, T = tokens.shape
+        logprobs, state = torch.empty(B, T - 1, model.cfg.vocab_size), None
+        for a in range(0, T - 1, piece):
+            logits, state = model.prefill(tokens[:, a : min(a + piece, T - 1)], state, None, all_logits=True)
+            logprobs[:, a : a + piece] = torch.log_softmax(logits, dim=-1)  # (B, piece, V)
+        return cls(logprobs, next_token_loss(logprobs, tokens[:, 1:]), logprobs.argmax(-1))
+
+    def copies(self, P: int) -> "Scores":
+        """What P policies score while they still equal the full model: (P, B, T-1) each, to be overwritten."""
+        return Scores(self.loss.repeat(P, 1, 1), torch.ones(P, *self.top1.shape, dtype=torch.bool),
+                      torch.zeros(P, *self.loss.shape))
+
+    def measure(self, into: "Scores", logits: torch.Tensor, tokens: torch.Tensor, start: int) -> None:
+        """Write the measures of logits (P, B, n, V) at indices start..start+n-1 into `into` (P, B, T-1)."""
+        n = logits.shape[2]
+        logprobs = torch.log_softmax(logits, dim=-1)  # (P, B, n, V)
+        at = slice(start, start + n)
+        into.loss[..., at] = next_token_loss(logprobs, tokens[:, start + 1 : start + n + 1].expand(logits.shape[:3]))
+        into.agree[..., at] = logprobs.argmax(-1) == self.top1[:, at]
+        into.kl[..., at] = kl_full_policy(self.logprobs[:, at], logprobs)
+
+
+@dataclass
+class Scores:
+    """One policy's per-token results on B chunks: each tensor (B, N) over the N scored next tokens (inside the
+    engine also (P, B, T-1): P policies, every index)."""
+
+    loss: torch.Tensor  # fp32 cross-entropy of the true next token, nats
+    agree: torch.Tensor  # bool: top-1 equals the full model's top-1
+    kl: torch.Tensor  # fp32 KL(full || policy), nats
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(float(self.loss.double().mean()))
+
+    @property
+    def agreement(self) -> float:
+        return float(self.agree.double().mean())
+
+    @property
+    def mean_kl(self) -> float:
+        return float(self.kl.double().mean())
+
+    def part(self, *index) -> "Scores":
+        """The same index applied to the three tensors, e.g. part(j) = policy j of a (P, B, T-1) group."""
+        return Scores(self.loss[index], self.agree[index], self.kl[index])
+
+    def sums(self) -> dict:
+        """What a results file stores: totals, so that batches of chunks add up exactly."""
+        return {"tokens": self.loss.numel(), "loss": float(self.loss.double().sum()),
+                "agree": int(self.agree.sum()), "kl": float(self.kl.double().sum())}
+
+
+# --- many policies and budgets in one batch -----------------------------------------------------------------------
+class RowPolicies(Policy):
+    """Several policies, each with its own budget, each owning a block of `rows` consecutive batch rows, so that one
+    `model.step` advances all of them (rows member-major: member i owns rows [i*rows, (i+1)*rows)).
+
+    The model asks a policy for one priority per row and kv head; this one asks each member about its own rows and
+    stacks the answers. Its own `states` is the smallest budget: the model then asks for priorities as soon as any
+    row may have to evict, and the layers of the batch state (`RowBudgetLayer`) keep each row's own top k."""
+
+    name = "rows"
+
+    def __init__(self, members: Sequence[Policy], rows: int):
+        if len({m.positions for m in members}) != 1:
+            raise InputError("RowPolicies needs members with one position scheme; got "
+                             f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
+        super().__init__(min(m.states for m in members), members[0].positions)
+        self.members, self.rows = list(members), rows
+
+    def budgets(self) -> torch.Tensor:
+        """(R, 1, 1) each row's budget."""
+        return torch.tensor([m.states for m in self.members]).repeat_interleave(self.rows)[:, None, None]
+
+    def _split(self, *tensors: torch.Tensor):
+        for i, member in enumerate(self.members):
+            yield member, [t[i * self.rows : (i + 1) * self.rows] for t in tensors]
+
+    def update(self, score, attn):
+        return torch.cat([m.update(s, a).expand_as(s) for m, (s, a) in self._split(score, attn)])  # (R, Hkv, n)
+
+    def priority(self, attn, pos, score):
+        parts = self._split(attn, pos, score)
+        return torch.cat([m.priority(a, p, s).float().expand(p.shape) for m, (a, p, s) in parts])  # (R, Hkv, n)
+
+    def __repr__(self) -> str:
+        return f"RowPolicies({self.members!r}, rows={self.rows})"
+
+
+@dataclass
+class RowBudgetLayer(LayerState):
+    """A layer's multi-state whose rows have budgets of their own, `budgets` (R, 1, 1).
+
+    The model calls `evict(priority, budget)` whenever the layer holds more than the smallest budget. Here a row
+    that holds more than ITS k live states keeps the k of highest priority (exact ties keep the lower slot, and
+    -inf drops, as in LayerState.evict); the others are only marked EMPTY, no data moves. Then, once every row has
+    a hole, the newest slot moves into each row's first hole, so the layer's size stays at the largest budget.
+    Rows of a small budget simply carry holes, which attention masks out. Each row thus holds exactly the states it
+    would hold alone; slot order differs, which changes nothing but the order of float sums."""
+
+    budgets: torch.Tensor | None = None
+
+    def evict(self, priority: torch.Tensor, budget: int) -> None:
+        n = self.size
+        pos = self.pos[:, :, :n]  # (R, Hkv, n)
+        live = pos != EMPTY
+        excess = live.sum(-1, keepdim=True) - self.budgets  # (R, Hkv, 1) states each row must give up now
+        prio = priority.float().expand(pos.shape)
+        if int(excess.max()) <= 1 and not (live & (excess > 0) & (prio == -INF)).any():  # steady: one out per row
+            lowest = n - 1 - prio.masked_fill(~live, INF).flip(-1).argmin(-1, keepdim=True)  # a tie drops the later
+            drop = torch.zeros_like(live).scatter_(-1, lowest, excess > 0)
+        else:  # several out (fast mode's one eviction, a baseline reset): keep each row's top k
+            prio = prio.masked_fill(~live, -INF)
+            order = prio.sort(dim=-1, descending=True, stable=True).indices  # stable: a tie keeps the lower slot
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))  # (R, Hkv, n)
+            drop = live & (excess > 0) & ((rank >= self.budgets) | (prio == -INF))
+        self.pos[:, :, :n] = pos.masked_fill(drop, EMPTY)
+        self.maybe_empty = True
+        self._compact()
+
+    def _compact(self) -> None:
+        n = self.size
+        empty = self.pos[:, :, :n] == EMPTY  # (R, Hkv, n)
+        if not bool(empty.any(-1).all()):  # a row still growing towards its budget: the layer grows too
+            return
+        hole = empty.int().argmax(-1, keepdim=True)  # (R, Hkv, 1) each row's first hole (may be the newest slot)
+        for buf in (self.keys, self.values):  # (R, Hkv, C, hd)
+            newest = buf[:, :, n - 1 : n].clone()
+            buf.scatter_(2, hole[..., None].expand_as(newest), newest)
+        for buf in (self.pos, self.score):  # (R, Hkv, C)
+            buf.scatter_(2, hole, buf[:, :, n - 1 : n].clone())
+        self.size = n - 1
+
+
+# --- the engine ----------------------------------------------------------------------------------------------------
+def _as_batch(tokens) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise InputError(f"tokens must be (T,) or (B, T) with T >= 2 (a next token to predict); "
+                         f"got shape {tuple(tokens.shape)}.")
+    return tokens.long()
+
+
+def _check_run(prefill: str, prompt: int | None, T: int) -> int:
+    """Validate the mode and return the prompt length P (default 0 for exact, T//2 for fast)."""
+    if prefill not in PREFILL_MODES:
+        raise InputError(f"prefill={prefill!r} is unknown; choose 'exact' (the recurrence) or 'fast' (one parallel "
+                         "pass over a prompt, one eviction, then the recurrence).")
+    if prompt is None:
+        return T // 2 if prefill == "fast" else 0
+    if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt <= T - 1:
+        raise InputError(f"prompt={prompt!r} must be an integer in 0..{T - 1} (tokens of each chunk read before "
+                         "scoring starts) for chunks of T={T} tokens.")
+    return prompt
+
+
+def prefix_length(states: int, prefill: str, prompt: int) -> int:
+    """L: how many leading tokens of a chunk a policy with budget k = `states` reads exactly as the full model does.
+
+    exact: the first k tokens cause no eviction. fast: the prompt is one parallel pass, evicted once at its end."""
+    return max(states, prompt) if prefill == "fast" else states
+
+
+def group_steps(T: int, L: int) -> int:
+    """Recurrent steps a batch runs on chunks of T tokens from prefix length L: the last prefix token, then tokens
+    L..T-2. (The progress bar counts these; the reference, a few % of the time, is not counted.)"""
+    return 0 if L >= T - 1 else T - L
+
+
+def _keeps_score(policy: Policy) -> bool:
+    return type(policy).update is not Policy.update  # the same test the model uses
+
+
+def _unevicting(policy: Policy, length: int) -> Policy:
+    """A copy of `policy` with a budget >= length: it reads a prefix of `length` tokens without evicting. Its score
+    update (H2O's accumulated attention) does not depend on the budget, so the prefix state is the member's own."""
+    twin = copy.copy(policy)
+    twin.states = max(policy.states, length)
+    return twin
+
+
+def _prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
+    """The batch state after the prefix (B, n), during which no row evicts: one parallel prefill shared by every
+    member that keeps no score, one per kind of score (H2O accumulates attention), stacked member-major with
+    `RowBudgetLayer` layers."""
+    from .generate import stack_states
+
+    B, n = prefix.shape
+    parts, done = [], {}
+    for member in rows.members:
+        kind = type(member) if _keeps_score(member) else None
+        if kind not in done:
+            twin = _unevicting(member, n + 1)
+            done[kind] = model.init_state(B, twin)
+            if n:
+                model.prefill(prefix, done[kind], twin, mode="exact")
+        parts.append(done[kind])
+    state = stack_states(parts)  # copies, so the parts may repeat
+    budgets = rows.budgets()
+    state.layers = [RowBudgetLayer(**vars(layer), budgets=budgets) for layer in state.layers]
+    for layer in state.layers:  # every row holds the same n states: attention may skip its mask until a hole
+        layer.maybe_empty = bool((layer.pos[:, :, : layer.size] == EMPTY).any())
+    return state
+
+
+def _run_rows(model, tokens, members: Sequence[Policy], starts: list[int], ref: Reference, progress) -> Scores:
+    """Members (any budgets) on all chunks at once: Scores (P, B, T-1) over indices 0..T-2. Member i equals the full
+    model below starts[i] (copied from `ref`) and is measured from the recurrence from there on."""
+    B, T = tokens.shape
+    P = len(members)
+    out = ref.copies(P)
+    L = min(starts)
+    if L >= T - 1:
+        return out
+    rows = RowPolicies(members, B)
+    state = _prefix_state(model, tokens[:, : L - 1], rows)
+    model.step(tokens[:, L - 1].repeat(P), state, rows)  # last prefix token: fast mode's one eviction happens here
+    progress(1)
+    for t in range(L, T - 1):
+        logits, state = model.step(tokens[:, t].repeat(P), state, rows)  # (P*B, V): rows member-major
+        ref.measure(out, logits.view(P, B, 1, -1), tokens, t)
+        progress(1)
+    for i, start in enumerate(starts):  # a member with a larger budget (or prompt) still equalled full up to there
+        out.loss[i, :, L:start], out.agree[i, :, L:start], out.kl[i, :, L:start] = ref.loss[:, L:start], True, 0.0
+    return out
+
+
+@torch.inference_mode()
+def score(model, tokens, policies: Sequence[Policy | None], prefill: str = "exact", prompt: int | None = None,
+          reference: Reference | None = None, progress: Callable[[int], None] | None = None) -> list[Scores]:
+    """Every policy of `policies` (None = full) on the chunks `tokens` (B, T), each chunk from an empty state.
+
+    Returns one Scores per policy, each tensor (B, N) over the scored next tokens (positions max(P,1)..T-1).
+    All policies (of one position scheme) run together as one batch of policies x chunks rows, whatever their
+    budgets (see RowPolicies and RowBudgetLayer)."""
+    tokens = _as_batch(tokens)
+    T = tokens.shape[1]
+    prompt = _check_run(prefill, prompt, T)
+    for p in policies:
+        if p is not None and not isinstance(p, Policy):
+            raise InputError(f"policy must be a msrnn.policies.Policy or None (full), got {type(p).__name__}; "
+                             "build one with msrnn.make_policy(name, states).")
+    reference = reference or Reference.compute(model, tokens)
+    progress = progress or (lambda n: None)
+    measured: dict[int, Scores] = {}  # policy index -> Scores (B, T-1) over every logits index
+    groups: dict[str, list[int]] = {}  # one batch per position scheme (they cache keys differently)
+    for i, p in enumerate(policies):
+        if p is None:
+            measured[i] = reference.copies(1).part(0)
+        else:
+            groups.setdefault(p.positions, []).append(i)
+    for idx in groups.values():
+        members = [policies[i] for i in idx]
+        starts = [prefix_length(m.states, prefill, prompt) for m in members]
+        group = _run_rows(model, tokens, members, starts, reference, progress)
+        measured.update({i: group.part(j) for j, i in enumerate(idx)})
+    scored = slice(max(prompt, 1) - 1, T - 1)
+    return [measured[i].part(Ellipsis, scored) for i in range(len(policies))]
+
+
+def compare(model, tokens, policy: Policy | None, prefill: str = "exact", prompt: int | None = None) -> Scores:
+    """One policy against the full model: Scores with .loss, .agree, .kl per token ((N,) for 1-D tokens, else
+    (B, N)) and .ppl, .agreement, .mean_kl."""
+    s = score(model, tokens, [policy], prefill, prompt)[0]
+    return s.part(0) if torch.as_tensor(tokens).dim() == 1 else s
+
+
+def perplexity(model, tokens, policy: Policy | None = None, prefill: str = "exact", prompt: int | None = None):
+    """Per-token next-token cross-entropy (fp32, nats) of `policy` (None = the full model) on tokens (T,) or (B, T),
+    each row one chunk run from an empty state. Returns (N,) or (B, N) for the scored positions max(P,1)..T-1:
+    with the default prompt (0 in exact mode) that is positions 1..T-1, N = T-1. PPL = exp(losses.mean())."""
+    return compare(model, tokens, policy, prefill, prompt).loss
+
+
+# --- text -> chunks ------------------------------------------------------------------------------------------------
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--text {path}: no such file; give a UTF-8 text file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--text {path} is not UTF-8 ({e}); convert it first (iconv -t utf-8).") from None
+
+
+def pick_chunks(ids: Sequence[int], context: int, chunks: int) -> tuple[torch.Tensor, list[int]]:
+    """Cut the token stream into consecutive chunks of `context` tokens (a partial last one is dropped) and take
+    `chunks` of them spread evenly over the text (0 = all): chunk i of n is the middle one of the i-th n-th of the
+    book, so a short run is not all front matter. Returns tokens (n, context) and the chunk indices."""
+    if context < 2:
+        raise InputError(f"--context {context}: a chunk needs at least 2 tokens.")
+    total = len(ids) // context
+    if total == 0:
+        raise InputError(f"the text has {len(ids)} tokens, fewer than one chunk of --context {context}; "
+                         "give a longer text or a smaller --context.")
+    if chunks < 0 or chunks > total:
+        raise InputError(f"--chunks {chunks}: the text holds {total} chunks of {context} tokens; give 1..{total} "
+                         "(or 0 for all).")
+    n = chunks or total
+    index = [int((i + 0.5) * total / n) for i in range(n)]
+    data = torch.tensor(ids[: total * context], dtype=torch.long).view(total, context)
+    return data[index], index
+
+
+# --- msrnn eval ppl: the grid, resumable ---------------------------------------------------------------------------
+RESULTS = "results.jsonl"
+
+
+def _record(path: Path, record: dict) -> None:
+    """Append one finished unit to the results file (flushed: an interrupted run keeps it)."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _load_results(path: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
+    """Finished units {(policy, states, batch): sums} from a previous run with the same settings (--resume), else
+    a fresh file holding the settings."""
+    if resume and path.is_file():
+        lines = [_parse(line) for line in path.read_text().splitlines()]
+        lines = [line for line in lines if line]  # a line cut short by a kill is simply not a finished unit
+        old = lines[0].get("settings", {}) if lines else {}
+        diff = [f"{k} {settings[k]!r} (was {old.get(k)!r})" for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise InputError(f"--resume: {path} was made with other settings: {'; '.join(diff)}. Rerun with the "
+                             "same settings, or drop --resume (or choose another --out) to start again.")
+        return {(u["policy"], u["states"], u["batch"]): u for u in lines[1:]}
+    if path.is_file():
+        print(f"msrnn: starting afresh: replacing {path} (use --resume to continue it)", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings}) + "\n")
+    return {}
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _parse_grid(policies: str, states: str) -> tuple[list[str], list[int]]:
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if not names or unknown:
+        raise InputError(f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(POLICIES)}.")
+    try:
+        budgets = sorted({int(s) for s in states.split(",") if s.strip()})
+    except ValueError:
+        raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512.") from None
+    if not budgets:
+        raise InputError("--states: give at least one budget, e.g. 64,128,256,512.")
+    for name in names:  # every policy accepts every budget (clear error now, not after an hour)
+        for k in budgets:
+            make_policy(name, k)
+    return list(dict.fromkeys(names)), budgets
+
+
+def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tuple[str, int | None]]:
+    """The cells (policy, budget) of batch b that no finished unit holds yet; `full` has no budget."""
+    cells = [(name, None) if name == "full" else (name, k) for name in names for k in budgets]
+    return [cell for cell in dict.fromkeys(cells) if (*cell, b) not in done]
+
+
+def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], prefill: str, prompt: int, batch: int,
+             done: dict, record: Callable[[dict], None], bar=None) -> dict:
+    """Every (policy, budget) cell on every chunk of `data` (n, T), `batch` chunks at a time, all cells of a batch
+    in one batch state; `done` units are skipped, and the new units of a batch are passed to `record` as soon as
+    the batch is finished (use --batch 1 to record after every chunk). Returns all units."""
+    done = dict(done)
+    for b, b0 in enumerate(range(0, len(data), batch)):
+        cells = _todo(names, budgets, b, done)
+        if not cells:
+            continue
+        tokens = data[b0 : b0 + batch]
+        results = score(model, tokens, [make_policy(p, k) for p, k in cells], prefill, prompt,
+                        Reference.compute(model, tokens), bar.update if bar is not None else None)
+        for (name, k), s in zip(cells, results):
+            unit = {"policy": name, "states": k, "batch": b, **s.sums()}
+            done[(name, k, b)] = unit
+            record(unit)
+    return done
+
+
+def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done) -> int:
+    """Recurrent steps the remaining batches need (the progress bar's total)."""
+    n, T = data_shape
+    starts = [[prefix_length(k, prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
+              for b in range(math.ceil(n / batch))]
+    return sum(group_steps(T, min(s)) for s in starts if s)
+
+
+def summarize(units: dict, names: list[str], budgets: list[int], batches: int) -> list[dict]:
+    """Cells from units: sums over the batches of chunks -> ppl, top-1 agreement, mean KL."""
+    cells = []
+    for name in names:
+        for k in [None] if name == "full" else budgets:
+            parts = [units[(name, k, b)] for b in range(batches)]
+            tokens = sum(u["tokens"] for u in parts)
+            loss = sum(u["loss"] for u in parts) / tokens
+            cells.append({"policy": name, "states": k, "tokens": tokens, "loss": loss, "ppl": math.exp(loss),
+                          "top1_agreement": sum(u["agree"] for u in parts) / tokens,
+                          "kl": sum(u["kl"] for u in parts) / tokens})
+    return cells
+
+
+def _cell(cells: list[dict], name: str, k: int | None) -> dict:
+    return next(c for c in cells if c["policy"] == name and c["states"] in (k, None))
+
+
+def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], title: str) -> str:
+    """The paper's Table 3 layout: rows = policies, columns = states per layer; `full` (unbounded) repeated in every
+    column as the reference. Then the same grid for top-1 agreement and KL(full || policy)."""
+    head = "| policy | " + " | ".join(str(k) for k in budgets) + " |\n|---|" + "---:|" * len(budgets)
+    blocks = [f"# {title}"]
+    for label, key, fmt in (("Perplexity", "ppl", "{:.2f}"), ("Top-1 agreement with full (%)", "top1_agreement", None),
+                            ("Mean KL(full || policy) per token (nats)", "kl", "{:.4f}")):
+        rows = [f"| {name} | " + " | ".join(
+            (fmt.format(_cell(cells, name, k)[key]) if fmt else f"{100 * _cell(cells, name, k)[key]:.1f}")
+            for k in budgets) + " |" for name in names]
+        blocks.append(f"## {label}\n\n{head}\n" + "\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Path, title: str) -> None:
+    """PNG: PPL vs states per layer (log-2 x axis), one line per policy, `full` as a horizontal reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        if name == "full":
+            ax.axhline(_cell(cells, name, None)["ppl"], color="black", ls="--", label="full (unbounded)")
+        else:
+            ax.plot(budgets, [_cell(cells, name, k)["ppl"] for k in budgets], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(budgets, [str(k) for k in budgets])
+    ax.set(xlabel="states per layer (k)", ylabel="perplexity (log scale)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+
+
+def load_model_and_tokenizer(source, dtype):
+    """(model, tokenizer) for the commands; one seam to swap in tests."""
+    from .weights import load
+
+    return load(source, dtype=dtype)
+
+
+def run_ppl(args) -> None:
+    names, budgets = _parse_grid(args.policies, args.states)
+    if args.batch is not None and args.batch < 1:
+        raise InputError(f"--batch {args.batch}: give a positive number of chunks per batch.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text_path = Path(args.text)
+    text = read_text(text_path)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    ids = tokenizer.encode(text)
+    data, index = pick_chunks(ids, args.context, args.chunks)
+    prompt = _check_run(args.prefill, args.prompt, args.context)
+    batch = min(args.batch or DEFAULT_BATCH, len(data))
+    settings = {"model": model.identity, "dtype": args.dtype, "text": text_path.name,
+                "tokens_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "context": args.context,
+                "chunks": index, "prefill": args.prefill, "prompt": prompt, "batch": batch}
+    out = Path(args.out or f"out/eval-{text_path.stem}")
+    results = out / RESULTS
+    done = _load_results(results, settings, args.resume)
+    total = grid_steps(data.shape, names, budgets, args.prefill, prompt, batch, done)
+    print(f"msrnn eval: {len(data)} chunks x {args.context} tokens of {text_path.name} (chunks {index} of "
+          f"{len(ids) // args.context}; {len(ids)} tokens), {args.prefill} prefill, prompt {prompt}, batch {batch}; "
+          f"{sum(1 for u in done if u[0] in names)} units already done", file=sys.stderr)
+    t0 = time.perf_counter()
+    with _progress(total, "eval ppl") as bar:
+        try:
+            units = run_grid(model, data, names, budgets, args.prefill, prompt, batch, done,
+                             lambda unit: _record(results, unit), bar)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"msrnn: interrupted; finished cells are kept in {results}: rerun with --resume to continue.",
+                  file=sys.stderr)
+            raise
+    cells = summarize(units, names, budgets, math.ceil(len(data) / batch))
+    title = (f"{text_path.name}: {len(data)} x {args.context} tokens, {args.prefill} prefill"
+             + (f", scored after a {prompt}-token prompt" if prompt else ""))
+    table = markdown_tables(cells, names, budgets, title)
+    (out / "table.md").write_text(table)
+    write_csv(out / "table.csv", cells)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "cells": cells,
+                                                   "seconds_this_run": round(time.perf_counter() - t0, 1)}, indent=2))
+    plot_grid(cells, names, budgets, out / "ppl.png", title)
+    print(table)
+    print(f"wrote {out}/table.md, table.csv, results.json, ppl.png ({results} holds the raw units)")
+
+
+# --- msrnn eval stream: one long text, bounded memory --------------------------------------------------------------
+def peak_rss_mib() -> float:
+    """The process's resident-memory high-water mark (getrusage; Linux reports KiB). It includes loading the weights,
+    so it shows growth only once a run needs more than that: see current_rss_mib too."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float | None:
+    """Resident memory now (Linux /proc/self/statm), None where that file does not exist."""
+    import os
+
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@torch.inference_mode()
+def stream_windows(model, ids: torch.Tensor, policy: Policy | None, window: int, piece: int = 128,
+                   progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Run ONE stream ids (N,) through the model (batch 1) and report, per window of `window` logits indices, the
+    PPL of the next tokens, the peak RSS and the state's bytes. The text is fed in pieces of <= `piece` tokens with
+    model.prefill(mode="exact"): the recurrence itself (parallel only while nothing can be evicted), so memory is the
+    state plus one piece's logits: constant for a bounded policy, O(N) for full (its state grows)."""
+    N = ids.shape[0]
+    state = model.init_state(1, policy)
+    rows = []
+    for start in range(0, N - 1, window):
+        end = min(start + window, N - 1)  # logits indices [start, end) predict tokens start+1 .. end
+        total = 0.0
+        for a in range(start, end, piece):
+            b = min(a + piece, end)
+            logits, state = model.prefill(ids[None, a:b], state, policy, mode="exact", all_logits=True)
+            total += float(next_token_loss(torch.log_softmax(logits[0], -1), ids[a + 1 : b + 1]).double().sum())
+            if progress:
+                progress(b - a)
+        rss = current_rss_mib()
+        rows.append({"start": start + 1, "end": end, "ppl": math.exp(total / (end - start)),
+                     "peak_rss_mib": round(peak_rss_mib(), 1), "rss_mib": rss and round(rss, 1),
+                     "state_mib": round(state.nbytes() / 2**20, 4)})
+    return rows
+
+
+def _stream_ids(tokenizer, text: str, tokens: int) -> tuple[torch.Tensor, str]:
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise InputError("the text has fewer than 2 tokens; give a longer text.")
+    note = f"the text has {len(ids)} tokens"
+    if len(ids) < tokens:
+        repeats = math.ceil(tokens / len(ids))
+        note += f": repeated {repeats} times (concatenated) to reach {tokens} tokens"
+        ids = ids * repeats
+    return torch.tensor(ids[:tokens], dtype=torch.long), note
+
+
+def plot_stream(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for run, style in ((res["policy_label"], "o-"), ("full", "s-")):
+        rows = res["runs"][run]
+        if rows:
+            a.plot([r["end"] for r in rows], [r["ppl"] for r in rows], style, ms=3, label=run)
+            b.plot([r["end"] for r in rows], [r["peak_rss_mib"] for r in rows], style, ms=3, label=f"{run}: peak RSS")
+            if rows[0]["rss_mib"] is not None:
+                b.plot([r["end"] for r in rows], [r["rss_mib"] for r in rows], style.replace("-", "--"), ms=2,
+                       label=f"{run}: RSS now")
+            b.plot([r["end"] for r in rows], [r["state_mib"] for r in rows], style.replace("-", ":"), ms=2,
+                   label=f"{run}: state")
+    for ax in (a, b):
+        ax.axvline(res["max_position_embeddings"], color="gray", ls="--", lw=1)
+    a.set(yscale="log", ylabel=f"PPL per {res['window']}-token window", title=res["title"])
+    b.set(xlabel="tokens into the stream", ylabel="MiB")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stream_table(res: dict) -> str:
+    label, full = res["policy_label"], {r["start"]: r for r in res["runs"]["full"]}
+    lines = [f"# {res['title']}", "", res["note"], "",
+             f"| tokens | PPL {label} | PPL full | {label}: peak RSS / RSS / state (MiB) | "
+             "full: peak RSS / RSS / state (MiB) |", "|---|---:|---:|---:|---:|"]
+    for r in res["runs"][label]:
+        f = full.get(r["start"])  # the full run's last window may stop short (at its --full-tokens)
+        short = f" (to {f['end']})" if f and f["end"] != r["end"] else ""
+        ppl_full = f"{f['ppl']:.2f}{short}" if f else "—"
+        lines.append(f"| {r['start']}–{r['end']} | {r['ppl']:.2f} | {ppl_full} | {_memory(r)} | {_memory(f)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _memory(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    now = "?" if row["rss_mib"] is None else f"{row['rss_mib']:.0f}"
+    return f"{row['peak_rss_mib']:.0f} / {now} / {row['state_mib']:.3g}"
+
+
+def run_stream(args) -> None:
+    if args.tokens < 2 or args.window < 1:
+        raise InputError(f"--tokens {args.tokens} / --window {args.window}: give --tokens >= 2 and --window >= 1.")
+    policy = make_policy(args.policy, args.states)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text_path = Path(args.text)
+    text = read_text(text_path)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    ids, note = _stream_ids(tokenizer, text, args.tokens)
+    limit = model.cfg.max_position_embeddings
+    full_tokens = min(limit, len(ids)) if args.full_tokens is None else min(args.full_tokens, len(ids))
+    note += (f"; the full model runs on the first {full_tokens} tokens (its trained context is {limit}; "
+             "--full-tokens to change)")
+    print(f"msrnn eval stream: {note}", file=sys.stderr)
+    label = f"{args.policy} k={args.states}" if policy is not None else "full"
+    runs = {}
+    with _progress(len(ids) - 1 + max(full_tokens - 1, 0) * (policy is not None), "eval stream") as bar:
+        runs[label] = stream_windows(model, ids, policy, args.window, progress=bar.update)  # bounded first: flat RSS
+        runs["full"] = (stream_windows(model, ids[:full_tokens], None, args.window, progress=bar.update)
+                        if policy is not None and full_tokens >= 2 else runs.get("full", []))
+    res = {"title": f"{text_path.name}: one stream of {len(ids)} tokens, {label} vs full",
+           "note": note, "policy_label": label, "window": args.window, "max_position_embeddings": limit,
+           "model": model.identity, "dtype": args.dtype, "runs": runs}
+    out = Path(args.out or f"out/stream-{text_path.stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    table = stream_table(res)
+    (out / "stream.md").write_text(table)
+    (out / "stream.json").write_text(json.dumps(res, indent=2))
+    write_csv(out / "stream.csv", [{"run": run, **r} for run, rows in runs.items() for r in rows])
+    plot_stream(res, out / "stream.png")
+    print(table)
+    print(f"wrote {out}/stream.md, stream.csv, stream.json, stream.png")
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    """Register `msrnn eval ppl` and `msrnn eval stream` (see cli.py)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("eval", help="perplexity of bounded policies (the paper's Table 3) and long streams",
+                              description="The paper's language-modelling experiments. See `msrnn eval ppl --help` "
+                                          "and `msrnn eval stream --help`.")
+    sub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
+
+    q = sub.add_parser(
+        "ppl", formatter_class=fmt, help="PPL of policies x budgets on chunks of a text (Table 3)",
+        description="Cut a text into chunks of --context tokens, run each chunk from an empty state with every\n"
+                    "policy and budget, and report perplexity, top-1 agreement with the full model and\n"
+                    "KL(full || policy) per token. Writes into --out: table.md (the paper's Table 3 layout),\n"
+                    "table.csv, results.json, ppl.png, and results.jsonl (each finished unit as it completes:\n"
+                    "interrupt freely, then --resume).\n\n"
+                    "--prefill exact: the recurrence, every next token scored (the paper).\n"
+                    "--prefill fast: the first --prompt tokens (default context/2) in one parallel pass, compressed\n"
+                    "once, then the recurrence; only tokens after the prompt are scored. Compare with an exact run\n"
+                    "given the same --prompt.",
+        epilog="example:\n  msrnn eval ppl --text ../shared/data/pride-and-prejudice.txt --context 2048 --chunks 2 "
+               "--out out/eval-pp")
+    _common_args(q, "out/eval-<text name>")
+    q.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
+    q.add_argument("--states", default="64,128,256,512", help="comma-separated budgets k (default 64,128,256,512)")
+    q.add_argument("--context", type=int, default=2048, metavar="T", help="tokens per chunk (default 2048)")
+    q.add_argument("--chunks", type=int, default=2, metavar="N",
+                   help="evaluate N chunks spread evenly over the text (default 2; 0 = every full chunk)")
+    q.add_argument("--prefill", default="exact", choices=PREFILL_MODES, help="exact (default) or fast, see above")
+    q.add_argument("--prompt", type=int, default=None, metavar="P",
+                   help="score only after the first P tokens of each chunk (default 0 exact, context/2 fast)")
+    q.add_argument("--batch", type=int, default=None, metavar="N",
+                   help=f"chunks run together in one batch state (default {DEFAULT_BATCH}); results are saved "
+                        "after each batch, so --batch 1 saves after every chunk")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
+    q.set_defaults(func=run_ppl)
+
+    s = sub.add_parser(
+        "stream", formatter_class=fmt, help="PPL and memory along one long stream, past the trained context",
+        description="Feed ONE long stream (batch 1) through the bounded recurrence and report PPL per window,\n"
+                    "peak and current RSS and state size, next to the full model on the first --full-tokens tokens (its trained\n"
+                    "context by default). The text is repeated if it is shorter than --tokens (the output says so).\n"
+                    "Writes stream.md, stream.csv, stream.json and stream.png into --out.",
+        epilog="example:\n  msrnn eval stream --text ../shared/data/pride-and-prejudice.txt --policy tova --states 512 "
+               "--tokens 70000")
+    _common_args(s, "out/stream-<text name>")
+    s.add_argument("--policy", default="tova", choices=list(POLICIES), help="the bounded policy (default tova)")
+    s.add_argument("--states", type=int, default=512, metavar="K", help="its budget (default 512)")
+    s.add_argument("--tokens", type=int, default=70000, metavar="N", help="stream length (default 70000)")
+    s.add_argument("--window", type=int, default=1000, metavar="W", help="tokens per reported window (default 1000)")
+    s.add_argument("--full-tokens", type=int, default=None, metavar="N",
+                   help="run the full model on the first N tokens (default min(max_position_embeddings, --tokens))")
+    s.set_defaults(func=run_stream)
+
+
+def _common_args(p, out: str) -> None:
+    from .generate import _model_args  # --model, --dtype: the same as every other command's
+
+    p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
+    _model_args(p)
+    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default {out})")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch threads (default: torch's choice; on a busy machine 1 can be much faster)")

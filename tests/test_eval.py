@@ -1,0 +1,198 @@
+"""msrnn.eval against the definition: each policy's loss equals a plain token-by-token run of the recurrence from an
+empty state, whatever the shortcuts (shared prefix, full reference, many policies and chunks in one batch); and the
+`msrnn eval ppl|stream` commands on a tiny checkpoint with a tiny word-level tokenizer (the real loading path)."""
+import csv
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msrnn
+import msrnn.eval as ev
+from msrnn.cli import main
+from msrnn.policies import make_policy
+from tiny import hf_model, save
+
+BOUNDED = ["baseline", "window", "sinks", "h2o", "h2o-layer", "tova-head", "tova"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WORDS = [f"w{i}" for i in range(96)]  # + [UNK] = 97 ids = the tiny model's vocabulary
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Llama saved as a checkpoint directory, with a word-level tokenizer.json beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory = tmp_path_factory.mktemp("tiny")
+    save(hf_model(seed=3, max_position_embeddings=64), directory)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return msrnn.Transformer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "story.txt"
+    path.write_text(" ".join(rng.choice(WORDS[:40]) for _ in range(200)))  # 200 tokens, a skewed vocabulary
+    return path
+
+
+def chunks(n=3, T=30, seed=0):
+    return torch.randint(0, 97, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def naive(model, row, policy, prefill="exact", prompt=0):
+    """The definition, with nothing shared: log-probs (T-1, V) of one chunk, token by token from an empty state
+    (a fast-mode prompt goes through model.prefill(mode="fast") first)."""
+    state, out = model.init_state(1, policy), []
+    if prefill == "fast":
+        logits, state = model.prefill(row[None, :prompt], state, policy, mode="fast", all_logits=True)
+        out += list(logits[0])
+    for t in range(len(out), len(row) - 1):
+        logits, state = model.step(row[t : t + 1], state, policy)
+        out.append(logits[0])
+    return torch.log_softmax(torch.stack(out), dim=-1)
+
+
+def test_full_ppl_is_the_cross_entropy_of_the_parallel_forward(model):
+    tokens = chunks(2)
+    losses = ev.perplexity(model, tokens)
+    assert losses.shape == (2, 29) and losses.dtype == torch.float32
+    direct = F.cross_entropy(model(tokens)[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # (2, 29)
+    torch.testing.assert_close(losses, direct, atol=1e-5, rtol=1e-5)
+    one = ev.compare(model, tokens[0], None)
+    assert one.loss.shape == (29,) and one.agreement == 1.0 and one.mean_kl == 0.0
+    assert one.ppl == pytest.approx(float(direct[0].mean().exp()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_a_budget_covering_the_chunk_equals_full_exactly(model, name):
+    tokens = chunks(2)
+    full = ev.compare(model, tokens, None)
+    for k in (29, 30, 64):  # 29 = T-1: the last token would be the first to evict, after the last prediction
+        s = ev.compare(model, tokens, make_policy(name, k))
+        assert torch.equal(s.loss, full.loss) and s.agree.all() and not s.kl.any()
+
+
+def test_every_shortcut_equals_the_plain_recurrence(model):
+    """All bounded policies x three budgets x 3 chunks in ONE batch (RowPolicies, per-row budgets, shared prefix,
+    reference copied before the first eviction) give each chunk's loss, top-1 agreement and KL of a plain
+    token-by-token run of that chunk alone."""
+    tokens = chunks(3)
+    policies = [make_policy(name, k) for name in BOUNDED for k in (5, 9, 14)]
+    batched = ev.score(model, tokens, policies)
+    full = torch.log_softmax(model(tokens)[:, :-1], dim=-1)  # (3, 29, V)
+    for policy, s in zip(policies, batched):
+        assert s.loss.shape == (3, 29)
+        for b in range(3):
+            alone = naive(model, tokens[b], policy)  # (29, V)
+            torch.testing.assert_close(s.loss[b], -alone.gather(-1, tokens[b, 1:, None])[:, 0], atol=2e-5, rtol=1e-5)
+            assert torch.equal(s.agree[b], full[b].argmax(-1) == alone.argmax(-1))
+            torch.testing.assert_close(s.kl[b], ev.kl_full_policy(full[b], alone), atol=2e-5, rtol=1e-4)
+    assert min(s.mean_kl for s in batched) > 1e-3  # every policy does evict, and it shows
+    for policy in policies[::5]:  # one chunk, one policy
+        torch.testing.assert_close(ev.perplexity(model, tokens[1], policy), batched[policies.index(policy)].loss[1],
+                                   atol=2e-5, rtol=1e-5)
+
+
+def test_fast_mode_is_one_compressed_prompt_then_the_recurrence(model):
+    """Budgets below and above the prompt in one batch: each equals model.prefill(mode="fast") of the prompt, then
+    the recurrence; and an exact run given the same prompt scores the same tokens."""
+    tokens, P = chunks(2, T=32), 16
+    policies = [make_policy(name, k) for name, k in [("tova", 6), ("h2o", 6), ("window", 20), ("baseline", 6),
+                                                      ("sinks", 20), ("tova-head", 9)]]
+    fast = ev.score(model, tokens, policies, prefill="fast")  # default prompt T//2 = 16
+    exact = ev.score(model, tokens, policies)
+    for policy, f, e in zip(policies, fast, exact):
+        assert f.loss.shape == (2, 32 - P)
+        for b in range(2):
+            alone = naive(model, tokens[b], policy, "fast", P)[P - 1 :]
+            torch.testing.assert_close(f.loss[b], -alone.gather(-1, tokens[b, P:, None])[:, 0], atol=2e-5, rtol=1e-5)
+        scored = ev.perplexity(model, tokens, policy, prompt=P)
+        torch.testing.assert_close(scored, e.loss[:, P - 1 :], atol=2e-5, rtol=1e-5)  # the same tokens
+        if policy.states < P:  # one eviction of the prompt is not one eviction per token
+            assert not torch.allclose(f.loss, e.loss[:, P - 1 :])
+        else:
+            torch.testing.assert_close(f.loss, e.loss[:, P - 1 :], atol=2e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_clear_errors(model):
+    with pytest.raises(msrnn.InputError, match="prefill"):
+        ev.perplexity(model, chunks(1)[0], prefill="slow")
+    with pytest.raises(msrnn.InputError, match="prompt"):
+        ev.perplexity(model, chunks(1)[0], make_policy("tova", 4), prompt=30)
+    with pytest.raises(msrnn.InputError, match="T >= 2"):
+        ev.perplexity(model, torch.tensor([3]))
+    with pytest.raises(msrnn.InputError, match="Policy"):
+        ev.perplexity(model, chunks(1)[0], "tova")
+
+
+# --- the commands --------------------------------------------------------------------------------------------------
+def ppl_args(checkpoint, text_file, out, *extra):
+    return ["eval", "ppl", "--text", str(text_file), "--model", str(checkpoint), "--states", "6,12",
+            "--context", "24", "--chunks", "3", "--batch", "2", "--out", str(out), *extra]
+
+
+def test_eval_ppl_writes_table_csv_json_png(checkpoint, text_file, tmp_path, capsys):
+    assert main(ppl_args(checkpoint, text_file, tmp_path)) == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "table.md").read_text()
+    assert table in printed and "| policy | 6 | 12 |" in table
+    for name in ev.DEFAULT_POLICIES.split(","):
+        assert f"| {name} |" in table
+    with (tmp_path / "table.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 + 6 * 2 and {"ppl", "top1_agreement", "kl"} <= set(rows[0])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["settings"]["chunks"] == [1, 4, 6] and len(result["cells"]) == 13  # middles of 3 parts of 8 chunks
+    full = next(c for c in result["cells"] if c["policy"] == "full")
+    assert full["tokens"] == 3 * 23 and full["top1_agreement"] == 1.0 and full["kl"] == 0.0
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_interrupted_run_resumes_to_the_same_table(checkpoint, text_file, tmp_path, monkeypatch, capsys):
+    assert main(ppl_args(checkpoint, text_file, tmp_path / "whole")) == 0
+    record, calls = ev._record, []
+
+    def interrupt_after_five(path, unit):
+        record(path, unit)
+        calls.append(unit)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "_record", interrupt_after_five)
+    with pytest.raises(SystemExit) as stop:
+        main(ppl_args(checkpoint, text_file, tmp_path / "cut"))
+    assert stop.value.code == 130 and "--resume" in capsys.readouterr().err
+    assert len((tmp_path / "cut" / "results.jsonl").read_text().splitlines()) == 1 + 5  # settings + finished units
+    monkeypatch.setattr(ev, "_record", record)
+    assert main(ppl_args(checkpoint, text_file, tmp_path / "cut", "--resume")) == 0
+    assert (tmp_path / "cut" / "table.md").read_text() == (tmp_path / "whole" / "table.md").read_text()
+    with pytest.raises(SystemExit) as stop:  # other settings: one clear error, nothing overwritten
+        main(ppl_args(checkpoint, text_file, tmp_path / "cut", "--resume", "--prefill", "fast"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "msrnn: error: --resume" in err and "prefill 'fast' (was 'exact')" in err
+
+
+def test_eval_stream_reports_ppl_and_rss_per_window(checkpoint, text_file, tmp_path, capsys):
+    assert main(["eval", "stream", "--text", str(text_file), "--model", str(checkpoint), "--policy", "tova",
+                 "--states", "8", "--tokens", "450", "--window", "100", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "stream.md").read_text()
+    assert "repeated 3 times" in table and "first 64 tokens" in table  # 200-token text; full up to its context
+    result = json.loads((tmp_path / "stream.json").read_text())
+    bounded, full = result["runs"]["tova k=8"], result["runs"]["full"]
+    assert [r["end"] for r in bounded] == [100, 200, 300, 400, 449] and [r["end"] for r in full] == [63]
+    assert all(r["peak_rss_mib"] > 0 and r["rss_mib"] > 0 for r in bounded + full)
+    assert len({r["state_mib"] for r in bounded}) == 1  # the bounded state holds k states per layer throughout
+    with (tmp_path / "stream.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (tmp_path / "stream.png").read_bytes()[:8] == PNG_MAGIC
