@@ -3,7 +3,7 @@ forward and as the token-by-token recurrence; the checkpoint goes through save_p
 import tempfile
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import msrnn
@@ -43,8 +43,16 @@ def configs(draw):
     return model_type, cfg, batch, length, shard
 
 
+WINDOW_1_DYNAMIC = ("mistral", dict(num_attention_heads=1, num_key_value_heads=1, hidden_size=4, head_dim=8,
+                                    intermediate_size=24, num_hidden_layers=1, tie_word_embeddings=False,
+                                    max_position_embeddings=16, rms_norm_eps=1e-6, sliding_window=1,
+                                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+                    1, 17, None)  # found by CI: transformers' sliding cache at window 1 (see below)
+
+
 @settings(max_examples=40)
 @given(configs(), st.integers(0, 2**16))
+@example(WINDOW_1_DYNAMIC, 0)
 def test_logits_equal_transformers(case, seed):
     model_type, cfg, batch, length, shard = case
     hf = hf_model(model_type, seed=seed, **cfg)
@@ -66,7 +74,14 @@ def test_logits_equal_transformers(case, seed):
     if cfg["rope_parameters"]["rope_type"] == "dynamic" and length > cfg["max_position_embeddings"]:
         # Dynamic NTK scaling depends on the length of the forward call that rotates a key, so the recurrence
         # differs from the parallel pass by design; compare with transformers' own token-by-token run instead.
-        ref = hf_scan(hf_model(model_type, seed=seed, **cfg), tokens)
+        if cfg.get("sliding_window") == 1:
+            # transformers' own token-by-token cache cannot be the oracle here: DynamicSlidingWindowLayer keeps
+            # keys[-(window-1):], which at window 1 is keys[-0:], i.e. every key. With a window of 1 a query sees only
+            # its own key, rotated in the call that brings it, so the parallel run over each prefix is exact instead.
+            with torch.no_grad():
+                ref = torch.stack([hf(tokens[:, : t + 1]).logits[:, -1] for t in range(length)], dim=1)
+        else:
+            ref = hf_scan(hf_model(model_type, seed=seed, **cfg), tokens)
     assert (scan - ref).abs().max() <= TOL
 
 

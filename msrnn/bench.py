@@ -1,0 +1,331 @@
+"""`msrnn bench`: speed and memory of the bounded recurrence, side by side with transformers in the same process.
+
+What is measured (batch 1 unless said, the model's dtype, `--threads` torch threads):
+- floor: the chained matrix-vector products over the model's weight shapes, nothing else. No decoder can read its
+  weights faster than this on this machine; it tells how much of a token's time is overhead.
+- decode ms/token at several stream positions, for the unbounded state and for a bounded policy (TOVA by default).
+  Positions are reached with a chunked prefill; the state is then stepped one token at a time and timed.
+- transformers' decode ms/token with its default cache at the same positions (if transformers is installed).
+- prefill seconds for a prompt of `--prefill-tokens`.
+- throughput under a fixed KV-memory budget (the paper's Table 1): the full cache of `--budget-context` tokens at batch
+  1 holds as many bytes as `budget-context / k` rows of k states, so bounded states run a bigger batch.
+- resident memory along a long bounded stream (`--stream-tokens`, TOVA 512 by default): it must stay flat.
+- for bf16, the agreement of its logits with the same checkpoint in float32.
+- peak RSS (resident memory high-water mark) after each phase.
+Timings are medians over repeats; no test asserts on them (machines differ).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .policies import make_policy
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def weight_floor_ms(model, repeats: int = 10) -> float:
+    """ms for one token's worth of matrix-vector products over every weight matrix of the model."""
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mats.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)  # the output projection
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
+
+    def chain():
+        for w in mats:
+            F.linear(xs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        return timed(chain, repeats) * 1000
+
+
+def advance(model, state, policy, length: int, chunk: int = 512, batch: int = 1):
+    """Bring `state` to stream position `length` with chunked prefills (fast mode: one eviction per chunk)."""
+    gen = torch.Generator().manual_seed(0)
+    done = int(state.next_pos.min())
+    while done < length:
+        n = min(chunk, length - done)
+        model.prefill(torch.randint(0, model.cfg.vocab_size, (batch, n), generator=gen), state, policy, mode="fast")
+        done += n
+    return state
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (MB), from /proc; unlike the peak it can show that memory stops growing."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def stream_memory(model, policy, tokens: int, piece: int = 256, warmup: int = 2000, progress=True) -> dict:
+    """Resident memory along one long bounded stream, fed in pieces of `piece` tokens (fast prefill: one eviction
+    per piece, the cheapest way through 70k tokens that still writes every token into the state)."""
+    from tqdm import tqdm
+
+    state = model.init_state(1, policy)
+    gen = torch.Generator().manual_seed(0)
+    trace = []
+    for start in tqdm(range(0, tokens, piece), desc="stream memory", leave=False, disable=not progress):
+        n = min(piece, tokens - start)
+        model.prefill(torch.randint(0, model.cfg.vocab_size, (1, n), generator=gen), state, policy, mode="fast")
+        trace.append((start + n, current_rss_mb()))
+    after = [mb for t, mb in trace if t >= warmup] or [trace[-1][1]]
+    return {"tokens": tokens, "warmup": warmup, "rss_mb_after_warmup": after[0], "rss_mb_end": trace[-1][1],
+            "growth_after_warmup": trace[-1][1] / after[0] - 1, "trace": trace[:: max(1, len(trace) // 50)]}
+
+
+def agreement_with_fp32(model, source: Path, tokens: int = 256) -> dict:
+    """How far a reduced-precision model's logits are from the same checkpoint in float32 (parallel forward)."""
+    from .weights import load_model
+
+    ref = load_model(source, dtype=torch.float32)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    a, b = ref(ids)[0], model(ids)[0]  # (T, vocab) fp32 logits
+    kl = F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)  # KL(fp32 || this)
+    return {"tokens": tokens, "max_abs_logit_diff": float((a - b).abs().max()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "mean_kl": float(kl.mean())}
+
+
+def msrnn_decode_ms(model, policy, position: int, steps: int, batch: int = 1) -> float:
+    state = advance(model, model.init_state(batch, policy), policy, position, batch=batch)
+    token = torch.full((batch,), 42)
+    return timed(lambda: [model.step(token, state, policy) for _ in range(steps)], 3) / steps * 1000
+
+
+class HFRunner:
+    """transformers' model for the same checkpoint, default attention and cache (the thing users compare to)."""
+
+    def __init__(self, source: Path, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # its GGUF conversion bars would interleave with ours
+
+        kwargs = dict(dtype=dtype)
+        if source.is_file():  # GGUF
+            self.model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, **kwargs)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        self.model.eval()
+
+    @torch.inference_mode()
+    def decode_ms(self, position: int, steps: int) -> float:
+        from transformers import DynamicCache
+
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.model.config.vocab_size
+        cache = DynamicCache(config=self.model.config)
+        for start in range(0, position, 512):
+            n = min(512, position - start)
+            self.model(torch.randint(0, vocab, (1, n), generator=gen), cache=cache, use_cache=True)
+        token = torch.tensor([[42]])
+
+        def run():
+            for _ in range(steps):
+                self.model(token, cache=cache, use_cache=True)
+            cache.crop(-steps)  # every repeat decodes from the same position (a negative crop removes tokens)
+
+        return timed(run, 3) / steps * 1000
+
+    @torch.inference_mode()
+    def prefill_s(self, tokens: torch.Tensor) -> float:
+        return timed(lambda: self.model(tokens), 2)
+
+
+def run_bench(model, source: Path | None, policy_name="tova", states=256, positions=(16, 512, 2000),
+              bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
+              budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
+              progress=True):
+    """All measurements as one dict (see the module docstring)."""
+    from tqdm import tqdm
+
+    policy = make_policy(policy_name, states)
+    res = {"dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+           "policy": policy_name, "states": states, "steps": steps, "cpu": torch.backends.cpu.get_cpu_capability()}
+    hf = None
+    phases = ["floor", "msrnn full", "msrnn bounded", "prefill", "throughput"] + (["stream"] if stream_tokens else [])
+    phases += (["fp32 agreement"] if model.dtype != torch.float32 else []) + (["transformers"] if compare else [])
+    bar = tqdm(phases, desc="bench", disable=not progress)
+    for phase in bar:
+        bar.set_postfix_str(phase)
+        if phase == "floor":
+            res["floor_ms"] = weight_floor_ms(model)
+        elif phase == "msrnn full":
+            res["msrnn_full_ms"] = {p: msrnn_decode_ms(model, None, p, steps) for p in positions}
+        elif phase == "msrnn bounded":
+            res["msrnn_bounded_ms"] = {p: msrnn_decode_ms(model, policy, p, steps) for p in bounded_positions}
+        elif phase == "prefill":
+            toks = torch.randint(0, model.cfg.vocab_size, (1, prefill_tokens))
+            res["msrnn_prefill_s"] = timed(lambda: model(toks), 2)
+        elif phase == "throughput":
+            rows = []
+            for k in budget_states:
+                batch = max(1, budget_context // k)
+                pol = None if k >= budget_context else make_policy(policy_name, k)
+                ms = msrnn_decode_ms(model, pol, budget_context, steps, batch=batch)
+                rows.append({"states": k, "batch": batch, "ms_per_step": ms, "tokens_per_s": batch / ms * 1000})
+            full = next(r for r in rows if r["states"] >= budget_context)
+            for r in rows:
+                r["ratio_to_full"] = r["tokens_per_s"] / full["tokens_per_s"]
+            res["throughput"] = rows
+        elif phase == "stream":
+            res["stream"] = stream_memory(model, make_policy(policy_name, stream_states), stream_tokens,
+                                          progress=progress)
+            res["stream"]["states"] = stream_states
+        elif phase == "fp32 agreement":
+            res["fp32_agreement"] = agreement_with_fp32(model, source)
+        elif phase == "transformers":
+            try:
+                hf = HFRunner(source, model.dtype)
+            except ImportError:
+                res["transformers"] = "not installed"
+                continue
+            res["hf_full_ms"] = {p: hf.decode_ms(p, steps) for p in positions}
+            res["hf_prefill_s"] = hf.prefill_s(torch.randint(0, model.cfg.vocab_size, (1, prefill_tokens)))
+        res.setdefault("peak_rss_mb", {})[phase] = peak_rss_mb()
+    if "hf_full_ms" in res:
+        res["ratio_full"] = {p: res["msrnn_full_ms"][p] / res["hf_full_ms"][p] for p in positions}
+        p = max(positions)
+        res["ratio_bounded_vs_hf_full"] = {q: res["msrnn_bounded_ms"][q] / res["hf_full_ms"][p]
+                                           for q in bounded_positions}
+    return res
+
+
+def report(res: dict) -> str:
+    """The measurements as markdown tables."""
+    out = [f"machine: {res['cpu']}, {res['threads']} threads, dtype {res['dtype']}",
+           f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token", "",
+           "| decode, batch 1 | position | ms/token | × floor | × transformers |", "|---|---|---|---|---|"]
+    for p, ms in res["msrnn_full_ms"].items():
+        hf = res.get("hf_full_ms", {}).get(p)
+        ratio = f"{ms / hf:.2f}" if hf else "–"
+        out.append(f"| msrnn full | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
+    for p, ms in res.get("hf_full_ms", {}).items():
+        out.append(f"| transformers full | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | 1.00 |")
+    hf_ref = res.get("hf_full_ms", {}).get(max(res.get("hf_full_ms", {0: 0})))
+    for p, ms in res["msrnn_bounded_ms"].items():
+        ratio = f"{ms / hf_ref:.2f} (vs its full cache at {max(res['hf_full_ms'])})" if hf_ref else "–"
+        out.append(f"| msrnn {res['policy']} {res['states']} | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
+    out += ["", f"prefill of a prompt: msrnn {res['msrnn_prefill_s']:.2f} s"
+            + (f", transformers {res['hf_prefill_s']:.2f} s" if "hf_prefill_s" in res else ""), "",
+            "| throughput under the KV budget of a full cache | states | batch | ms/step | tokens/s | × full |",
+            "|---|---|---|---|---|---|"]
+    for r in res["throughput"]:
+        out.append(f"| {'full' if r['ratio_to_full'] == 1 and r['batch'] == 1 else res['policy']} | {r['states']} | "
+                   f"{r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.1f} | {r['ratio_to_full']:.2f} |")
+    if "stream" in res:
+        m = res["stream"]
+        out += ["", f"memory over a {m['tokens']}-token stream with {res['policy']} {m['states']}: resident "
+                f"{m['rss_mb_after_warmup']:.0f} MB after {m['warmup']} tokens, {m['rss_mb_end']:.0f} MB at the end "
+                f"({100 * m['growth_after_warmup']:+.2f} %)"]
+    if "fp32_agreement" in res:
+        a = res["fp32_agreement"]
+        out += ["", f"{res['dtype']} vs float32 on {a['tokens']} tokens: max |Δ logit| {a['max_abs_logit_diff']:.3f}, "
+                f"top-1 agreement {100 * a['top1_agreement']:.1f} %, mean KL {a['mean_kl']:.2e}"]
+    out += ["", "peak RSS (MB) after each phase: " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items())]
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(list(res["msrnn_full_ms"]), list(res["msrnn_full_ms"].values()), "o-", label="msrnn full")
+    if "hf_full_ms" in res:
+        a.plot(list(res["hf_full_ms"]), list(res["hf_full_ms"].values()), "s-", label="transformers full")
+    a.plot(list(res["msrnn_bounded_ms"]), list(res["msrnn_bounded_ms"].values()), "^-",
+           label=f"msrnn {res['policy']} {res['states']}")
+    a.axhline(res["floor_ms"], color="gray", ls="--", label="floor (weight matvecs)")
+    a.set(xscale="log", xlabel="stream position (tokens)", ylabel="ms / token", title=f"decode, batch 1, {res['dtype']}")
+    a.set_ylim(bottom=0)
+    a.legend()
+    rows = res["throughput"]
+    b.bar([str(r["states"]) for r in rows], [r["tokens_per_s"] for r in rows], color="tab:green")
+    for i, r in enumerate(rows):
+        b.text(i, r["tokens_per_s"], f"{r['ratio_to_full']:.1f}× (B={r['batch']})", ha="center", va="bottom")
+    b.set(xlabel="states per layer", ylabel="tokens / s", title="throughput under the full cache's KV memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}.") from None
+
+
+def main(args) -> int:
+    from .weights import load_model, parse_dtype, resolve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = None
+    if args.model is None:
+        from .gguf import bundled_gguf_path
+
+        source = bundled_gguf_path()
+    else:
+        source = resolve(args.model)
+    model = load_model(source, dtype=parse_dtype(args.dtype))
+    res = run_bench(model, source, policy_name=args.policy, states=args.states, positions=_ints(args.positions),
+                    bounded_positions=_ints(args.bounded_positions), steps=args.steps,
+                    prefill_tokens=args.prefill_tokens, budget_context=args.budget_context,
+                    budget_states=_ints(args.budget_states), compare=args.compare == "transformers",
+                    stream_tokens=args.stream_tokens, stream_states=args.stream_states)
+    text = report(res)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    (out / "bench.md").write_text(text + "\n")
+    plot(res, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="decode/prefill speed, throughput under a KV budget and memory, vs transformers",
+        description=__doc__.split("\n\n")[0] + " Example: msrnn bench --compare transformers --out docs/results/bench",
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory, hub id or .gguf (default: bundled SmolLM2)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compare", default="transformers", choices=["transformers", "none"],
+                   help="also time transformers in the same process (default)")
+    p.add_argument("--policy", default="tova", help="bounded policy to time (default tova)")
+    p.add_argument("--states", type=int, default=256, help="its budget (default 256)")
+    p.add_argument("--positions", default="16,512,2000", help="stream positions for the unbounded decode timings")
+    p.add_argument("--bounded-positions", default="2000,8000,20000", help="stream positions for the bounded timings")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timing (median of 3 repeats)")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--budget-context", type=int, default=2048, help="the full cache whose KV memory is the budget")
+    p.add_argument("--budget-states", default="256,512,1024,2048", help="state sizes for the throughput table")
+    p.add_argument("--stream-tokens", type=int, default=70000,
+                   help="resident memory along a bounded stream this long (0: skip)")
+    p.add_argument("--stream-states", type=int, default=512, help="the stream's budget (default 512)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
+    p.set_defaults(func=main)
