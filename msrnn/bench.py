@@ -44,20 +44,6 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def weight_floor_ms(model, repeats: int = 10) -> float:
-    """ms for one token's worth of matrix-vector products over every weight matrix of the model."""
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    mats.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)  # the output projection
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
-
-    def chain():
-        for w in mats:
-            F.linear(xs[w.shape[1]], w)
-
-    with torch.inference_mode():
-        return timed(chain, repeats) * 1000
-
-
 def advance(model, state, policy, length: int, chunk: int = 512, batch: int = 1):
     """Bring `state` to stream position `length` with chunked prefills (fast mode: one eviction per chunk)."""
     gen = torch.Generator().manual_seed(0)
@@ -104,10 +90,33 @@ def agreement_with_fp32(model, source: Path, tokens: int = 256) -> dict:
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "mean_kl": float(kl.mean())}
 
 
-def msrnn_decode_ms(model, policy, position: int, steps: int, batch: int = 1) -> float:
+def side_by_side(runs: dict, rounds: int = 5) -> dict:
+    """Median seconds of each run, the runs timed in turn (round-robin) after one warm-up each: a machine whose
+    speed drifts (other tenants, clock changes) slows every contender alike instead of whichever ran last."""
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def msrnn_decoder(model, policy, position: int, steps: int, batch: int = 1):
+    """A function that decodes `steps` tokens from stream position `position` (the state is left as it ends)."""
     state = advance(model, model.init_state(batch, policy), policy, position, batch=batch)
     token = torch.full((batch,), 42)
-    return timed(lambda: [model.step(token, state, policy) for _ in range(steps)], 3) / steps * 1000
+    return lambda: [model.step(token, state, policy) for _ in range(steps)]
+
+
+def floor_chain(model):
+    """One token's worth of matrix-vector products over every weight matrix of the model, and nothing else."""
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mats.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)  # the output projection
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
+    return lambda: [F.linear(xs[w.shape[1]], w) for w in mats]
 
 
 class HFRunner:
@@ -118,7 +127,6 @@ class HFRunner:
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # its GGUF conversion bars would interleave with ours
-
         kwargs = dict(dtype=dtype)
         if source.is_file():  # GGUF
             self.model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, **kwargs)
@@ -127,7 +135,9 @@ class HFRunner:
         self.model.eval()
 
     @torch.inference_mode()
-    def decode_ms(self, position: int, steps: int) -> float:
+    def decoder(self, position: int, steps: int):
+        """A function that decodes `steps` tokens from `position` with transformers' DynamicCache, then crops the
+        cache back, so that every call starts from the same position."""
         from transformers import DynamicCache
 
         gen = torch.Generator().manual_seed(0)
@@ -138,49 +148,81 @@ class HFRunner:
             self.model(torch.randint(0, vocab, (1, n), generator=gen), cache=cache, use_cache=True)
         token = torch.tensor([[42]])
 
+        @torch.inference_mode()
         def run():
             for _ in range(steps):
                 self.model(token, cache=cache, use_cache=True)
-            cache.crop(-steps)  # every repeat decodes from the same position (a negative crop removes tokens)
+            cache.crop(-steps)  # a negative crop removes that many tokens
 
-        return timed(run, 3) / steps * 1000
+        return run
 
-    @torch.inference_mode()
-    def prefill_s(self, tokens: torch.Tensor) -> float:
-        return timed(lambda: self.model(tokens), 2)
+    def decode_ms(self, position: int, steps: int) -> float:
+        return timed(self.decoder(position, steps), 3) / steps * 1000
 
 
 def run_bench(model, source: Path | None, policy_name="tova", states=256, positions=(16, 512, 2000),
               bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
               budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
-              progress=True):
+              rounds=5, progress=True):
     """All measurements as one dict (see the module docstring)."""
     from tqdm import tqdm
 
     policy = make_policy(policy_name, states)
     res = {"dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-           "policy": policy_name, "states": states, "steps": steps, "cpu": torch.backends.cpu.get_cpu_capability()}
+           "policy": policy_name, "states": states, "steps": steps, "rounds": rounds,
+           "cpu": torch.backends.cpu.get_cpu_capability()}
     hf = None
-    phases = ["floor", "msrnn full", "msrnn bounded", "prefill", "throughput"] + (["stream"] if stream_tokens else [])
-    phases += (["fp32 agreement"] if model.dtype != torch.float32 else []) + (["transformers"] if compare else [])
+    phases = (["load transformers"] if compare else []) + ["decode full", "decode bounded", "prefill", "throughput"]
+    phases += (["stream"] if stream_tokens else []) + (["fp32 agreement"] if model.dtype != torch.float32 else [])
+    floor = floor_chain(model)
+    floors = []  # the floor is timed beside every contender, so it drifts with them
+    hf_at = max(positions)  # transformers' full cache at the longest position: what the bounded state is held against
     bar = tqdm(phases, desc="bench", disable=not progress)
     for phase in bar:
         bar.set_postfix_str(phase)
-        if phase == "floor":
-            res["floor_ms"] = weight_floor_ms(model)
-        elif phase == "msrnn full":
-            res["msrnn_full_ms"] = {p: msrnn_decode_ms(model, None, p, steps) for p in positions}
-        elif phase == "msrnn bounded":
-            res["msrnn_bounded_ms"] = {p: msrnn_decode_ms(model, policy, p, steps) for p in bounded_positions}
+        if phase == "load transformers":
+            try:
+                hf = HFRunner(source, model.dtype)
+            except ImportError:
+                res["transformers"] = "not installed"
+        elif phase == "decode full":
+            res["msrnn_full_ms"], res["hf_full_ms"] = {}, {}
+            for p in positions:
+                runs = {"floor": floor, "msrnn": msrnn_decoder(model, None, p, steps)}
+                if hf is not None:
+                    runs["hf"] = hf.decoder(p, steps)
+                t = side_by_side(runs, rounds)
+                floors.append(t["floor"] * 1000)
+                res["msrnn_full_ms"][p] = t["msrnn"] / steps * 1000
+                if hf is not None:
+                    res["hf_full_ms"][p] = t["hf"] / steps * 1000
+        elif phase == "decode bounded":
+            res["msrnn_bounded_ms"], res["hf_full_at_ms"] = {}, {}
+            hf_ref = hf.decoder(hf_at, steps) if hf is not None else None
+            for q in bounded_positions:
+                runs = {"floor": floor, "msrnn": msrnn_decoder(model, policy, q, steps)}
+                if hf_ref is not None:
+                    runs["hf"] = hf_ref
+                t = side_by_side(runs, rounds)
+                floors.append(t["floor"] * 1000)
+                res["msrnn_bounded_ms"][q] = t["msrnn"] / steps * 1000
+                if hf_ref is not None:
+                    res["hf_full_at_ms"][q] = t["hf"] / steps * 1000  # transformers at hf_at, timed beside q
         elif phase == "prefill":
             toks = torch.randint(0, model.cfg.vocab_size, (1, prefill_tokens))
-            res["msrnn_prefill_s"] = timed(lambda: model(toks), 2)
+            runs = {"msrnn": lambda: model(toks)}
+            if hf is not None:
+                runs["hf"] = torch.inference_mode()(lambda: hf.model(toks))
+            t = side_by_side(runs, max(2, rounds // 2))
+            res["msrnn_prefill_s"] = t["msrnn"]
+            if hf is not None:
+                res["hf_prefill_s"] = t["hf"]
         elif phase == "throughput":
             rows = []
             for k in budget_states:
                 batch = max(1, budget_context // k)
                 pol = None if k >= budget_context else make_policy(policy_name, k)
-                ms = msrnn_decode_ms(model, pol, budget_context, steps, batch=batch)
+                ms = timed(msrnn_decoder(model, pol, budget_context, steps, batch=batch), 3) / steps * 1000
                 rows.append({"states": k, "batch": batch, "ms_per_step": ms, "tokens_per_s": batch / ms * 1000})
             full = next(r for r in rows if r["states"] >= budget_context)
             for r in rows:
@@ -192,27 +234,23 @@ def run_bench(model, source: Path | None, policy_name="tova", states=256, positi
             res["stream"]["states"] = stream_states
         elif phase == "fp32 agreement":
             res["fp32_agreement"] = agreement_with_fp32(model, source)
-        elif phase == "transformers":
-            try:
-                hf = HFRunner(source, model.dtype)
-            except ImportError:
-                res["transformers"] = "not installed"
-                continue
-            res["hf_full_ms"] = {p: hf.decode_ms(p, steps) for p in positions}
-            res["hf_prefill_s"] = hf.prefill_s(torch.randint(0, model.cfg.vocab_size, (1, prefill_tokens)))
         res.setdefault("peak_rss_mb", {})[phase] = peak_rss_mb()
-    if "hf_full_ms" in res:
+    res["floor_ms"] = statistics.median(floors)
+    res["floor_ms_range"] = [min(floors), max(floors)]
+    if res.get("hf_full_ms"):
         res["ratio_full"] = {p: res["msrnn_full_ms"][p] / res["hf_full_ms"][p] for p in positions}
-        p = max(positions)
-        res["ratio_bounded_vs_hf_full"] = {q: res["msrnn_bounded_ms"][q] / res["hf_full_ms"][p]
+        res["ratio_bounded_vs_hf_full"] = {q: res["msrnn_bounded_ms"][q] / res["hf_full_at_ms"][q]
                                            for q in bounded_positions}
+        res["hf_full_at"] = hf_at
     return res
 
 
 def report(res: dict) -> str:
     """The measurements as markdown tables."""
-    out = [f"machine: {res['cpu']}, {res['threads']} threads, dtype {res['dtype']}",
-           f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token", "",
+    lo, hi = res["floor_ms_range"]
+    out = [f"machine: {res['cpu']}, {res['threads']} threads, dtype {res['dtype']}; every row timed in turn with its "
+           f"comparison and the floor ({res['rounds']} rounds, medians)",
+           f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token (range over the run {lo:.1f}-{hi:.1f})", "",
            "| decode, batch 1 | position | ms/token | × floor | × transformers |", "|---|---|---|---|---|"]
     for p, ms in res["msrnn_full_ms"].items():
         hf = res.get("hf_full_ms", {}).get(p)
@@ -220,9 +258,9 @@ def report(res: dict) -> str:
         out.append(f"| msrnn full | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
     for p, ms in res.get("hf_full_ms", {}).items():
         out.append(f"| transformers full | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | 1.00 |")
-    hf_ref = res.get("hf_full_ms", {}).get(max(res.get("hf_full_ms", {0: 0})))
     for p, ms in res["msrnn_bounded_ms"].items():
-        ratio = f"{ms / hf_ref:.2f} (vs its full cache at {max(res['hf_full_ms'])})" if hf_ref else "–"
+        hf = res.get("hf_full_at_ms", {}).get(p)
+        ratio = f"{ms / hf:.2f} (vs its full cache at {res['hf_full_at']}: {hf:.1f} ms)" if hf else "–"
         out.append(f"| msrnn {res['policy']} {res['states']} | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
     out += ["", f"prefill of a prompt: msrnn {res['msrnn_prefill_s']:.2f} s"
             + (f", transformers {res['hf_prefill_s']:.2f} s" if "hf_prefill_s" in res else ""), "",

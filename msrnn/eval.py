@@ -60,6 +60,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import InputError
-from .policies import INF, POLICIES, Policy, make_policy
+from .policies import INF, POLICIES, Policy, make_policy, parse_spec, policy_class
 from .state import EMPTY, LayerState, State
 
 PREFILL_MODES = ("exact", "fast")
@@ -285,6 +286,19 @@ def _keeps_score(policy: Policy) -> bool:
     return type(policy).update is not Policy.update  # the same test the model uses
 
 
+def _score_kind(policy: Policy):
+    """Members whose running scores evolve alike over an unevicting prefix (same class and settings but the budget)
+    share one prefill; None for members that keep no score."""
+    if not _keeps_score(policy):
+        return None
+    key = (type(policy), tuple(sorted((k, v) for k, v in vars(policy).items() if k != "states")))
+    try:
+        hash(key)
+    except TypeError:  # a user's policy holding unhashable settings: its own prefill
+        return id(policy)
+    return key
+
+
 def _unevicting(policy: Policy, length: int) -> Policy:
     """A copy of `policy` with a budget >= length: it reads a prefix of `length` tokens without evicting. Its score
     update (H2O's accumulated attention) does not depend on the budget, so the prefix state is the member's own."""
@@ -302,7 +316,7 @@ def _prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
     B, n = prefix.shape
     parts, done = [], {}
     for member in rows.members:
-        kind = type(member) if _keeps_score(member) else None
+        kind = _score_kind(member)
         if kind not in done:
             twin = _unevicting(member, n + 1)
             done[kind] = model.init_state(B, twin)
@@ -453,11 +467,11 @@ def _parse(line: str) -> dict | None:
 
 
 def _parse_grid(policies: str, states: str) -> tuple[list[str], list[int]]:
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
-    if not names or unknown:
-        raise InputError(f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(POLICIES)}.")
+    names = [p.strip() for p in re.split(r",(?![^(]*\))", policies) if p.strip()]  # commas outside (...)
+    if not names:
+        raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
+    for name in names:
+        policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
     try:
         budgets = sorted({int(s) for s in states.split(",") if s.strip()})
     except ValueError:
@@ -788,7 +802,7 @@ def add_cli(subparsers) -> None:
         epilog="example:\n  msrnn eval ppl --text ../shared/data/pride-and-prejudice.txt --context 2048 --chunks 2 "
                "--out out/eval-pp")
     _common_args(q, "out/eval-<text name>")
-    q.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
+    q.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated built-in names or path/to/file.py:ClassName (default {DEFAULT_POLICIES})")
     q.add_argument("--states", default="64,128,256,512", help="comma-separated budgets k (default 64,128,256,512)")
     q.add_argument("--context", type=int, default=2048, metavar="T", help="tokens per chunk (default 2048)")
     q.add_argument("--chunks", type=int, default=2, metavar="N",
@@ -811,7 +825,8 @@ def add_cli(subparsers) -> None:
         epilog="example:\n  msrnn eval stream --text ../shared/data/pride-and-prejudice.txt --policy tova --states 512 "
                "--tokens 70000")
     _common_args(s, "out/stream-<text name>")
-    s.add_argument("--policy", default="tova", choices=list(POLICIES), help="the bounded policy (default tova)")
+    s.add_argument("--policy", default="tova", help="the bounded policy: a built-in name or path/to/file.py:ClassName "
+                   "(default tova)")
     s.add_argument("--states", type=int, default=512, metavar="K", help="its budget (default 512)")
     s.add_argument("--tokens", type=int, default=70000, metavar="N", help="stream length (default 70000)")
     s.add_argument("--window", type=int, default=1000, metavar="W", help="tokens per reported window (default 1000)")

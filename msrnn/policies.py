@@ -17,6 +17,10 @@ probabilities of all T new queries, attn (B, H, T, n); T is 1 in the recurrence 
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from .errors import InputError
@@ -160,18 +164,159 @@ class Baseline(Policy):
         return torch.full_like(pos, -INF, dtype=torch.float32)
 
 
+# --- beyond TOVA (the policy lab, docs/results/lab): TOVA's score with memory of earlier queries ---------------------
+def _gamma(name: str, gamma: float) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1:
+        raise InputError(f"{name}: gamma={gamma!r} must be a number in [0, 1) (0 is plain TOVA).")
+    return float(gamma)
+
+
+class TOVADecay(TOVA):
+    """TOVA with an exponential moving average of the attention each state has received (layer-wise):
+
+        s_j <- gamma * s_j + (1 - gamma) * a_j          a_j: the newest query's attention to state j, head-averaged
+        priority_j = s_j / (1 - gamma ** age_j)         age_j: queries that have seen j (itself included)
+
+    The division is Adam's bias correction: without it a new state, which has had one query, scores (1 - gamma)
+    times less than an old one with the same attention and is dropped at once. gamma = 0 is TOVA exactly. A state
+    briefly ignored keeps most of its score for about 1 / (1 - gamma) steps instead of being dropped at once."""
+
+    name = "tova-decay"
+
+    def __init__(self, states: int, gamma: float = 0.9, positions: str = "absolute"):
+        super().__init__(states, positions)
+        self.gamma = _gamma(self.name, gamma)
+
+    def update(self, score, attn):
+        a = attn.mean(dim=1)  # (B, T, n) each new query's attention, averaged over the layer's heads
+        T = a.shape[1]
+        w = (1 - self.gamma) * self.gamma ** torch.arange(T - 1, -1, -1, dtype=a.dtype)  # (T,) the older, the less
+        return self.gamma**T * score[:, :1] + (w[:, None] * a).sum(dim=1)[:, None]  # (B, 1, n)
+
+    def priority(self, attn, pos, score):
+        age = (newest(pos) - pos + 1)[:, :1]  # (B, 1, n) >= 1 for every state present
+        return score[:, :1] / (1 - self.gamma ** age.float())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(states={self.states}, gamma={self.gamma})"
+
+
+class TOVAMax(TOVADecay):
+    """TOVA with a decayed maximum: s_j <- max(gamma * s_j, a_j). A state keeps the best attention it ever had,
+    fading by gamma per step; gamma = 0 is TOVA exactly."""
+
+    name = "tova-max"
+
+    def update(self, score, attn):
+        s = score[:, :1]  # (B, 1, n)
+        for a in attn.mean(dim=1).unbind(dim=1):  # the T new queries in order; (B, n) each
+            s = torch.maximum(self.gamma * s, a[:, None])
+        return s
+
+    def priority(self, attn, pos, score):
+        return score[:, :1]
+
+
+class TOVASink(TOVA):
+    """TOVA that never drops the first `sinks` tokens of the stream (default 1: the first token, which the paper
+    found TOVA keeps anyway, so protecting it costs nothing and makes sure)."""
+
+    name = "tova-sink"
+
+    def __init__(self, states: int, sinks: int = 1, positions: str = "absolute"):
+        super().__init__(states, positions)
+        if sinks < 0 or sinks >= states:
+            raise InputError(f"{self.name}: {sinks} sink tokens leave no room in states={states}; give fewer sinks.")
+        self.sinks = sinks
+
+    def priority(self, attn, pos, score):
+        return super().priority(attn, pos, score).masked_fill(pos[:, :1] < self.sinks, INF)
+
+
+class TOVARecent(TOVA):
+    """TOVA plus a recent window: the `recent` newest states always stay (default k // 8), the rest by TOVA."""
+
+    name = "tova-recent"
+
+    def __init__(self, states: int, recent: int | None = None, positions: str = "absolute"):
+        super().__init__(states, positions)
+        self.recent = states // 8 if recent is None else recent
+        if not 0 <= self.recent < states:
+            raise InputError(f"{self.name}: recent={self.recent} must be in [0, states={states}).")
+
+    def priority(self, attn, pos, score):
+        pos = pos[:, :1]
+        return super().priority(attn, pos, score).masked_fill(pos > newest(pos) - self.recent, INF)
+
+
 POSITION_SCHEMES = ("absolute", "shift", "loglog")
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Full, Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline)
+    p.name: p for p in (Full, Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
+                        TOVADecay, TOVAMax, TOVASink, TOVARecent)
 }
 
 
+def policy_class(name: str) -> type[Policy]:
+    """A built-in policy by its CLI name, or your own class as "path/to/file.py:ClassName" (a Policy subclass)."""
+    if name in POLICIES:
+        return POLICIES[name]
+    path, colon, cls_name = name.rpartition(":")
+    if not colon or not path.endswith(".py"):
+        raise InputError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}, "
+                         "or give your own as path/to/file.py:ClassName.")
+    return _load_policy_file(Path(path), cls_name)
+
+
+def _load_policy_file(path: Path, cls_name: str) -> type[Policy]:
+    if not path.is_file():
+        raise InputError(f"policy file {path} does not exist; give path/to/file.py:ClassName.")
+    spec = importlib.util.spec_from_file_location(f"msrnn_user_policy_{abs(hash(str(path.resolve())))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: report where, not a traceback through importlib
+        raise InputError(f"policy file {path} failed to run: {type(e).__name__}: {e}") from e
+    found = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Policy) and v is not Policy
+             and v.__module__ == module.__name__]
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise InputError(f"policy file {path} has no {cls_name!r}; the Policy classes it defines: "
+                         f"{', '.join(found) or 'none'}.")
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise InputError(f"{path}:{cls_name} is not a msrnn.policies.Policy subclass; subclass Policy and "
+                         "implement priority(attn, pos, score) (see docs/policies.md).")
+    return cls
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """ "tova-decay(gamma=0.8)" -> ("tova-decay", {"gamma": 0.8}): a policy's settings written in its CLI name."""
+    name, paren, args = spec.strip().partition("(")
+    if not paren:
+        return name, {}
+    if not args.endswith(")"):
+        raise InputError(f"policy {spec!r}: settings go in parentheses, e.g. tova-decay(gamma=0.8).")
+    kwargs = {}
+    for item in filter(None, (a.strip() for a in args[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip()) if eq else None
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = None
+        if not eq or kwargs[key.strip()] is None or not key.strip().isidentifier():
+            raise InputError(f"policy {spec!r}: {item!r} is not key=value with a number, e.g. gamma=0.8.")
+    return name.strip(), kwargs
+
+
 def make_policy(name: str, states: int | None = None, **kwargs) -> Policy | None:
-    """The policy called `name` (as the CLI spells it) with budget `states`; `full` gives None (unbounded)."""
-    if name not in POLICIES:
-        raise InputError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}.")
-    if name == "full":
+    """The policy called `name` (as the CLI spells it, settings allowed: "tova-decay(gamma=0.8)") with budget
+    `states`; `full` gives None (unbounded)."""
+    name, settings = parse_spec(name)
+    cls = policy_class(name)
+    if cls is Full:
         return None
     if states is None:
         raise InputError(f"policy {name!r} needs a budget: give states=k (e.g. --states 256).")
-    return POLICIES[name](states, **kwargs)
+    try:
+        return cls(states, **settings, **kwargs)
+    except TypeError as e:  # a setting the class does not take
+        raise InputError(f"policy {name!r} does not take the settings {settings or kwargs}: {e}") from None

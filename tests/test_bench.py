@@ -19,6 +19,7 @@ def test_bench_cli_writes_tables_json_and_png(tmp_path, capsys):
     assert set(res["msrnn_full_ms"]) == {"4", "16"} and set(res["hf_full_ms"]) == {"4", "16"}
     assert [(r["states"], r["batch"]) for r in res["throughput"]] == [(8, 4), (16, 2), (32, 1)]
     assert res["throughput"][-1]["ratio_to_full"] == 1.0
+    assert set(res["hf_full_at_ms"]) == {"40", "80"} and res["floor_ms_range"][0] <= res["floor_ms"]
     assert res["stream"]["tokens"] == 600 and res["stream"]["rss_mb_end"] > 0
     agree = res["fp32_agreement"]  # bf16 against the same checkpoint in fp32: close, but not equal
     assert 0 < agree["max_abs_logit_diff"] < 1 and agree["top1_agreement"] > 0.8

@@ -1,0 +1,161 @@
+"""The policy lab: TOVA with memory (tova-decay, tova-max), tova-sink, tova-recent, and bring-your-own policy files.
+
+Each score update is checked by hand on small tensors; gamma = 0 is TOVA exactly on a model; a policy class loaded
+from a file runs through `msrnn eval ppl` like a built-in one; bad files and classes are clear errors."""
+import json
+
+import pytest
+import torch
+
+import msrnn
+import msrnn.eval as ev
+from msrnn.cli import main
+from msrnn.errors import InputError
+from msrnn.policies import INF, TOVA, TOVADecay, TOVAMax, TOVARecent, TOVASink, make_policy, policy_class
+from tiny import hf_model, save
+
+ATTN = torch.tensor([[[[0.2, 0.3, 0.5]], [[0.4, 0.1, 0.5]]]])  # (B=1, H=2, T=1, n=3): head mean 0.3, 0.2, 0.5
+POS = torch.tensor([[[0, 1, 2]]])  # (B, Hkv=1, n)
+
+
+def test_tova_decay_update_and_bias_correction_by_hand():
+    p = TOVADecay(2, gamma=0.5)
+    s = p.update(torch.tensor([[[0.5, 0.2, 0.0]]]), ATTN)
+    torch.testing.assert_close(s, torch.tensor([[[0.4, 0.2, 0.25]]]))  # 0.5*old + 0.5*mean(attn)
+    prio = p.priority(ATTN[:, :, -1], POS, s)  # ages 3, 2, 1 -> divide by 1 - 0.5**age = 0.875, 0.75, 0.5
+    torch.testing.assert_close(prio, torch.tensor([[[0.4 / 0.875, 0.2 / 0.75, 0.5]]]))
+
+
+def test_tova_decay_update_of_T_queries_equals_T_single_updates():
+    p, score = TOVADecay(4, gamma=0.7), torch.rand(2, 1, 5)
+    attn = torch.rand(2, 3, 4, 5).softmax(-1)  # (B, H, T=4, n)
+    one_by_one = score
+    for t in range(4):
+        one_by_one = p.update(one_by_one, attn[:, :, t : t + 1])
+    torch.testing.assert_close(p.update(score, attn), one_by_one)
+
+
+def test_tova_max_update_by_hand():
+    p = TOVAMax(2, gamma=0.5)
+    s = p.update(torch.tensor([[[0.8, 0.2, 0.0]]]), ATTN)
+    torch.testing.assert_close(s, torch.tensor([[[0.4, 0.2, 0.5]]]))  # max(0.5*old, mean(attn))
+    assert torch.equal(p.priority(ATTN[:, :, -1], POS, s), s)
+
+
+def test_sink_and_recent_variants_protect_what_they_say():
+    attn = ATTN[:, :, -1]  # (1, 2, 3)
+    torch.testing.assert_close(TOVASink(2).priority(attn, POS, None), torch.tensor([[[INF, 0.2, 0.5]]]))
+    torch.testing.assert_close(TOVARecent(2, recent=1).priority(attn, POS, None), torch.tensor([[[0.3, 0.2, INF]]]))
+    assert TOVARecent(16).recent == 2  # default k // 8
+    with pytest.raises(InputError, match="gamma"):
+        TOVADecay(8, gamma=1.0)
+    with pytest.raises(InputError, match="sink"):
+        TOVASink(1, sinks=1)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return msrnn.Transformer.from_pretrained(save(hf_model(seed=5), tmp_path_factory.mktemp("lab")))
+
+
+def run(model, policy, tokens, mode="exact"):
+    state = model.init_state(1, policy)
+    logits, state = model.prefill(tokens[None, :12], state, policy, mode=mode)
+    out = [logits]
+    for t in tokens[12:]:
+        logits, state = model.step(t[None], state, policy)
+        out.append(logits)
+    return torch.cat(out), state
+
+
+@pytest.mark.parametrize("cls", [TOVADecay, TOVAMax])
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_gamma_zero_is_tova_exactly(model, cls, mode):
+    tokens = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(1))
+    ref, ref_state = run(model, TOVA(6), tokens, mode)
+    out, state = run(model, cls(6, gamma=0.0), tokens, mode)
+    assert torch.equal(out, ref)  # bit for bit: the same states kept at every step
+    assert all(torch.equal(a.pos, b.pos) for a, b in zip(state.layers, ref_state.layers))
+    other, _ = run(model, cls(6, gamma=0.9), tokens, mode)
+    assert not torch.equal(other, ref)  # and gamma matters
+
+
+def test_two_gammas_in_one_eval_batch_equal_each_alone(model):
+    """eval shares the unevicting prefix between members: members with other settings must not share a score."""
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+    policies = [TOVADecay(6, gamma=0.5), TOVADecay(6, gamma=0.95), TOVAMax(8, gamma=0.9)]
+    together = ev.score(model, tokens, policies)
+    for p, s in zip(policies, together):
+        alone = ev.score(model, tokens, [p])[0]
+        torch.testing.assert_close(s.loss, alone.loss, atol=1e-5, rtol=1e-5)  # batching changes float sums only
+
+
+USER_POLICY = '''
+from msrnn.policies import Policy
+
+class Oldest(Policy):
+    """Keep the oldest states: the opposite of a window."""
+    name = "oldest"
+    needs_attention = False
+
+    def priority(self, attn, pos, score):
+        return -pos.float()
+
+class MyTOVA(Policy):
+    def priority(self, attn, pos, score):
+        return attn.mean(dim=1, keepdim=True)
+
+NOT_A_POLICY = 3
+'''
+
+
+def test_a_policy_file_runs_through_eval_like_a_builtin(tmp_path, model):
+    (tmp_path / "mine.py").write_text(USER_POLICY)
+    spec = f"{tmp_path / 'mine.py'}:MyTOVA"
+    assert policy_class(spec).__name__ == "MyTOVA"
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    mine, builtin = ev.score(model, tokens, [make_policy(spec, 6), make_policy("tova", 6)])
+    assert torch.equal(mine.loss, builtin.loss)
+
+
+def test_msrnn_eval_ppl_with_a_policy_file(tmp_path):
+    from test_eval import WORDS  # the tiny word-level checkpoint of test_eval
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory = tmp_path / "ckpt"
+    save(hf_model(seed=3, max_position_embeddings=64), directory)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    (tmp_path / "story.txt").write_text(" ".join(WORDS[i % 40] for i in range(0, 700, 7)))
+    (tmp_path / "mine.py").write_text(USER_POLICY)
+    out = tmp_path / "out"
+    main(["eval", "ppl", "--model", str(directory), "--text", str(tmp_path / "story.txt"), "--policies",
+          f"full,tova,tova-decay,tova-max(gamma=0.5),{tmp_path / 'mine.py'}:Oldest", "--states", "8,16", "--context", "40",
+          "--chunks", "2", "--out", str(out)])
+    table = (out / "table.md").read_text()
+    assert "mine.py:Oldest" in table and "tova-decay" in table and "tova-max(gamma=0.5)" in table
+
+
+def test_settings_in_a_policy_name():
+    p = make_policy("tova-decay(gamma=0.8)", 16)
+    assert isinstance(p, TOVADecay) and p.gamma == 0.8 and p.states == 16
+    assert make_policy(" tova-recent( recent=3 ) ", 16).recent == 3
+    for bad, message in [("tova-decay(gamma)", "not key=value"), ("tova-decay(gamma=x)", "not key=value"),
+                         ("tova-decay(gamma=0.8", "parentheses"), ("tova(gamma=0.5)", "does not take")]:
+        with pytest.raises(InputError, match=message):
+            make_policy(bad, 16)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown policy 'nope'"),
+    ("missing.py:X", "does not exist"),
+    ("{dir}/mine.py:Absent", "has no 'Absent'; the Policy classes it defines: Oldest, MyTOVA"),
+    ("{dir}/mine.py:NOT_A_POLICY", "not a msrnn.policies.Policy subclass"),
+    ("{dir}/broken.py:X", "failed to run: SyntaxError"),
+])
+def test_bad_policy_specs_are_clear_errors(tmp_path, spec, message, capsys):
+    (tmp_path / "mine.py").write_text(USER_POLICY)
+    (tmp_path / "broken.py").write_text("class X(:\n")
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make_policy(spec.format(dir=tmp_path), 8)
