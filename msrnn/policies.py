@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -186,16 +187,23 @@ class TOVADecay(TOVA):
     def __init__(self, states: int, gamma: float = 0.9, positions: str = "absolute"):
         super().__init__(states, positions)
         self.gamma = _gamma(self.name, gamma)
+        # 1 - gamma**age for age = 1, 2, ... until it rounds to 1 in fp32 (a lookup is cheaper than a pow per step)
+        ages = int(math.log(1e-9) / math.log(self.gamma)) + 2 if self.gamma > 0 else 1
+        self.correction = 1 - self.gamma ** torch.arange(1, ages + 1, dtype=torch.float64)  # (ages,)
+        self.correction = self.correction.float()
 
     def update(self, score, attn):
-        a = attn.mean(dim=1)  # (B, T, n) each new query's attention, averaged over the layer's heads
-        T = a.shape[1]
-        w = (1 - self.gamma) * self.gamma ** torch.arange(T - 1, -1, -1, dtype=a.dtype)  # (T,) the older, the less
-        return self.gamma**T * score[:, :1] + (w[:, None] * a).sum(dim=1)[:, None]  # (B, 1, n)
+        if attn.shape[2] == 1:  # the recurrence: one new query
+            return torch.lerp(attn.mean(dim=(1, 2))[:, None], score[:, :1], self.gamma)  # gamma*s + (1-gamma)*a
+        s = score[:, :1]  # (B, 1, n) one score per state for the whole layer
+        for a in attn.mean(dim=1).unbind(dim=1):  # a parallel prefill: each new query in order, (B, n)
+            s = torch.lerp(a[:, None], s, self.gamma)
+        return s
 
     def priority(self, attn, pos, score):
-        age = (newest(pos) - pos + 1)[:, :1]  # (B, 1, n) >= 1 for every state present
-        return score[:, :1] / (1 - self.gamma ** age.float())
+        pos = pos[:, :1]  # (B, 1, n) a layer-wise policy: every kv head holds the same tokens
+        age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)  # (B, 1, n) queries that saw the state, - 1
+        return score[:, :1] / self.correction[age]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(states={self.states}, gamma={self.gamma})"
