@@ -291,7 +291,8 @@ def _score_kind(policy: Policy):
     share one prefill; None for members that keep no score."""
     if not _keeps_score(policy):
         return None
-    key = (type(policy), tuple(sorted((k, v) for k, v in vars(policy).items() if k != "states")))
+    settings = {k: v for k, v in vars(policy).items() if k != "states" and not isinstance(v, torch.Tensor)}  # no caches
+    key = (type(policy), tuple(sorted(settings.items())))
     try:
         hash(key)
     except TypeError:  # a user's policy holding unhashable settings: its own prefill
