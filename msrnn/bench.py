@@ -17,7 +17,6 @@ Timings are medians over repeats; no test asserts on them (machines differ).
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -26,11 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .eval import current_rss_mib, peak_rss_mib
 from .policies import make_policy
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def timed(fn, repeats: int) -> float:
@@ -55,12 +51,6 @@ def advance(model, state, policy, length: int, chunk: int = 512, batch: int = 1)
     return state
 
 
-def current_rss_mb() -> float:
-    """Resident memory now (MB), from /proc; unlike the peak it can show that memory stops growing."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def stream_memory(model, policy, tokens: int, piece: int = 256, warmup: int = 2000, progress=True) -> dict:
     """Resident memory along one long bounded stream, fed in pieces of `piece` tokens (fast prefill: one eviction
     per piece, the cheapest way through 70k tokens that still writes every token into the state)."""
@@ -72,7 +62,7 @@ def stream_memory(model, policy, tokens: int, piece: int = 256, warmup: int = 20
     for start in tqdm(range(0, tokens, piece), desc="stream memory", leave=False, disable=not progress):
         n = min(piece, tokens - start)
         model.prefill(torch.randint(0, model.cfg.vocab_size, (1, n), generator=gen), state, policy, mode="fast")
-        trace.append((start + n, current_rss_mb()))
+        trace.append((start + n, current_rss_mib()))
     after = [mb for t, mb in trace if t >= warmup] or [trace[-1][1]]
     return {"tokens": tokens, "warmup": warmup, "rss_mb_after_warmup": after[0], "rss_mb_end": trace[-1][1],
             "growth_after_warmup": trace[-1][1] / after[0] - 1, "trace": trace[:: max(1, len(trace) // 50)]}
@@ -234,7 +224,7 @@ def run_bench(model, source: Path | None, policy_name="tova", states=256, positi
             res["stream"]["states"] = stream_states
         elif phase == "fp32 agreement":
             res["fp32_agreement"] = agreement_with_fp32(model, source)
-        res.setdefault("peak_rss_mb", {})[phase] = peak_rss_mb()
+        res.setdefault("peak_rss_mb", {})[phase] = peak_rss_mib()
     res["floor_ms"] = statistics.median(floors)
     res["floor_ms_range"] = [min(floors), max(floors)]
     if res.get("hf_full_ms"):
