@@ -159,3 +159,29 @@ def test_bad_policy_specs_are_clear_errors(tmp_path, spec, message, capsys):
     (tmp_path / "broken.py").write_text("class X(:\n")
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
         make_policy(spec.format(dir=tmp_path), 8)
+
+
+CANDIDATES = f"{__import__('pathlib').Path(__file__).parents[1] / 'docs/results/lab/candidates.py'}"
+
+
+def test_the_second_round_candidates_by_hand_and_on_a_model(model):
+    """docs/results/lab/candidates.py: the variants of section 3 of the lab's README, loaded as a user's file."""
+    head_max, q_max, recent = (policy_class(f"{CANDIDATES}:{n}") for n in ("DecayHeadMax", "DecayQMax", "DecayRecent"))
+    p = head_max(2, gamma=0.5)  # two kv heads, one query head each: a per-head average, then the max over heads
+    s = p.update(torch.tensor([[[0.8, 0.2, 0.0], [0.0, 0.4, 0.2]]]), ATTN)
+    torch.testing.assert_close(s, torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.25, 0.35]]]))
+    prio = p.priority(ATTN[:, :, -1], POS.expand(1, 2, 3), s)  # bias-corrected (0.875, 0.75, 0.5), max over heads
+    torch.testing.assert_close(prio, torch.tensor([[[0.5 / 0.875, 0.25 / 0.75, 0.7]]]))
+    p = q_max(2, gamma=0.5)  # the max over query heads of the attention is (0.4, 0.3, 0.5)
+    s = p.update(torch.tensor([[[0.8, 0.2, 0.0]]]), ATTN)
+    torch.testing.assert_close(s, torch.tensor([[[0.6, 0.25, 0.25]]]))
+    prio = recent(8, gamma=0.5).priority(None, POS, torch.tensor([[[0.4, 0.2, 0.25]]]))  # k // 8 = 1 newest kept
+    torch.testing.assert_close(prio, torch.tensor([[[0.4 / 0.875, 0.2 / 0.75, INF]]]))
+    tokens = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(4))
+    full, _ = run(model, None, tokens)
+    for cls in (head_max, q_max, recent):
+        logits, state = run(model, cls(30), tokens)  # a budget the 30 tokens never reach: the full model
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+        logits, state = run(model, cls(6), tokens)
+        assert state.size == 6 and logits.isfinite().all()
+        assert not torch.allclose(logits, full, atol=1e-3)  # and evicting changes the predictions
