@@ -3,6 +3,7 @@
 Each score update is checked by hand on small tensors; gamma = 0 is TOVA exactly on a model; a policy class loaded
 from a file runs through `msrnn eval ppl` like a built-in one; bad files and classes are clear errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_bad_policy_specs_are_clear_errors(tmp_path, spec, message, capsys):
         make_policy(spec.format(dir=tmp_path), 8)
 
 
-CANDIDATES = f"{__import__('pathlib').Path(__file__).parents[1] / 'docs/results/lab/candidates.py'}"
+CANDIDATES = Path(__file__).resolve().parents[1] / "docs/results/lab/candidates.py"
 
 
 def test_the_second_round_candidates_by_hand_and_on_a_model(model):
