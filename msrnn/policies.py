@@ -201,9 +201,13 @@ class TOVADecay(TOVA):
         return s
 
     def priority(self, attn, pos, score):
+        return self.bias_corrected(pos, score[:, :1])  # (B, 1, n) one score per state for the whole layer
+
+    def bias_corrected(self, pos, score):
+        """score (B, h, n) / (1 - gamma ** age): the running average, unbiased for states only a few queries saw."""
         pos = pos[:, :1]  # (B, 1, n) a layer-wise policy: every kv head holds the same tokens
         age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)  # (B, 1, n) queries that saw the state, - 1
-        return score[:, :1] / self.correction[age]
+        return score / self.correction[age]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(states={self.states}, gamma={self.gamma})"

@@ -25,9 +25,7 @@ class DecayHeadMax(TOVADecay):
         return score
 
     def priority(self, attn, pos, score):
-        pos = pos[:, :1]  # (B, 1, n) layer-wise: every kv head holds the same tokens
-        age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)
-        return (score / self.correction[age]).amax(dim=1, keepdim=True)  # (B, 1, n)
+        return self.bias_corrected(pos, score).amax(dim=1, keepdim=True)  # (B, Hkv, n) -> (B, 1, n)
 
 
 class DecayQMax(TOVADecay):
