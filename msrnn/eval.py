@@ -42,7 +42,7 @@ Why it is fast (every shortcut computes the same function, up to the order of fl
   fast mode the prefix is the prompt (or k, whichever is longer); the single eviction happens at its last token.
 - One step serves every cell: all policies x all budgets x the chunks of a batch are ONE batch state (6 x 4 x 2
   = 48 rows for the paper's grid on two chunks). `RowPolicies` asks each member policy about its own rows and
-  `RowBudgetLayer` keeps each row's own k (a smaller budget leaves holes that attention masks out). A step's
+  gives each row its own budget k (a smaller budget leaves holes that attention masks out). A step's
   cost grows much slower than its rows: the matrix products run at 13 GFLOP/s with 2 rows, 17 with 12 and 32
   with 48 on one core of the 2-core test machine, so one step of 48 rows costs far less than 24 steps of 2.
 - Nothing of size (T, vocab) is kept per policy: losses, agreement and KL are reduced at every step; only the
@@ -71,7 +71,7 @@ import torch
 
 from .errors import InputError
 from .policies import INF, POLICIES, Policy, make_policy, parse_spec, policy_class
-from .state import EMPTY, LayerState, State
+from .state import State
 
 PREFILL_MODES = ("exact", "fast")
 DEFAULT_POLICIES = "full,baseline,window,sinks,h2o,tova-head,tova"
@@ -169,8 +169,8 @@ class RowPolicies(Policy):
     `model.step` advances all of them (rows member-major: member i owns rows [i*rows, (i+1)*rows)).
 
     The model asks a policy for one priority per row and kv head; this one asks each member about its own rows and
-    stacks the answers. Its own `states` is the smallest budget: the model then asks for priorities as soon as any
-    row may have to evict, and the layers of the batch state (`RowBudgetLayer`) keep each row's own top k."""
+    stacks the answers. `budget()` gives each row its own k; the model asks for priorities as soon as any row may
+    have to evict (`min_budget()`), and a row under its budget keeps everything."""
 
     name = "rows"
 
@@ -181,13 +181,17 @@ class RowPolicies(Policy):
         super().__init__(min(m.states for m in members), members[0].positions)
         self.members, self.rows = list(members), rows
 
-    def budgets(self) -> torch.Tensor:
+        self.needs_attention = any(m.needs_attention for m in members)
+        self.keeps_score = any(m.keeps_score for m in members)
+        self.layer_local = all(m.layer_local for m in members)
+
+    def budget(self) -> torch.Tensor:
         """(R, 1, 1) each row's budget."""
         return torch.tensor([m.states for m in self.members]).repeat_interleave(self.rows)[:, None, None]
 
     def _split(self, *tensors: torch.Tensor):
         for i, member in enumerate(self.members):
-            yield member, [t[i * self.rows : (i + 1) * self.rows] for t in tensors]
+            yield member, [None if t is None else t[i * self.rows : (i + 1) * self.rows] for t in tensors]
 
     def update(self, score, attn):
         return torch.cat([m.update(s, a).expand_as(s) for m, (s, a) in self._split(score, attn)])  # (R, Hkv, n)
@@ -198,51 +202,6 @@ class RowPolicies(Policy):
 
     def __repr__(self) -> str:
         return f"RowPolicies({self.members!r}, rows={self.rows})"
-
-
-@dataclass
-class RowBudgetLayer(LayerState):
-    """A layer's multi-state whose rows have budgets of their own, `budgets` (R, 1, 1).
-
-    The model calls `evict(priority, budget)` whenever the layer holds more than the smallest budget. Here a row
-    that holds more than ITS k live states keeps the k of highest priority (exact ties keep the lower slot, and
-    -inf drops, as in LayerState.evict); the others are only marked EMPTY, no data moves. Then, once every row has
-    a hole, the newest slot moves into each row's first hole, so the layer's size stays at the largest budget.
-    Rows of a small budget simply carry holes, which attention masks out. Each row thus holds exactly the states it
-    would hold alone; slot order differs, which changes nothing but the order of float sums."""
-
-    budgets: torch.Tensor | None = None
-
-    def evict(self, priority: torch.Tensor, budget: int) -> None:
-        n = self.size
-        pos = self.pos[:, :, :n]  # (R, Hkv, n)
-        live = pos != EMPTY
-        excess = live.sum(-1, keepdim=True) - self.budgets  # (R, Hkv, 1) states each row must give up now
-        prio = priority.float().expand(pos.shape)
-        if int(excess.max()) <= 1 and not (live & (excess > 0) & (prio == -INF)).any():  # steady: one out per row
-            lowest = n - 1 - prio.masked_fill(~live, INF).flip(-1).argmin(-1, keepdim=True)  # a tie drops the later
-            drop = torch.zeros_like(live).scatter_(-1, lowest, excess > 0)
-        else:  # several out (fast mode's one eviction, a baseline reset): keep each row's top k
-            prio = prio.masked_fill(~live, -INF)
-            order = prio.sort(dim=-1, descending=True, stable=True).indices  # stable: a tie keeps the lower slot
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))  # (R, Hkv, n)
-            drop = live & (excess > 0) & ((rank >= self.budgets) | (prio == -INF))
-        self.pos[:, :, :n] = pos.masked_fill(drop, EMPTY)
-        self.maybe_empty = True
-        self._compact()
-
-    def _compact(self) -> None:
-        n = self.size
-        empty = self.pos[:, :, :n] == EMPTY  # (R, Hkv, n)
-        if not bool(empty.any(-1).all()):  # a row still growing towards its budget: the layer grows too
-            return
-        hole = empty.int().argmax(-1, keepdim=True)  # (R, Hkv, 1) each row's first hole (may be the newest slot)
-        for buf in (self.keys, self.values):  # (R, Hkv, C, hd)
-            newest = buf[:, :, n - 1 : n].clone()
-            buf.scatter_(2, hole[..., None].expand_as(newest), newest)
-        for buf in (self.pos, self.score):  # (R, Hkv, C)
-            buf.scatter_(2, hole, buf[:, :, n - 1 : n].clone())
-        self.size = n - 1
 
 
 # --- the engine ----------------------------------------------------------------------------------------------------
@@ -310,10 +269,7 @@ def _unevicting(policy: Policy, length: int) -> Policy:
 
 def _prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
     """The batch state after the prefix (B, n), during which no row evicts: one parallel prefill shared by every
-    member that keeps no score, one per kind of score (H2O accumulates attention), stacked member-major with
-    `RowBudgetLayer` layers."""
-    from .generate import stack_states
-
+    member that keeps no score, one per kind of score (H2O accumulates attention), stacked member-major."""
     B, n = prefix.shape
     parts, done = [], {}
     for member in rows.members:
@@ -324,17 +280,13 @@ def _prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
             if n:
                 model.prefill(prefix, done[kind], twin, mode="exact")
         parts.append(done[kind])
-    state = stack_states(parts)  # copies, so the parts may repeat
-    budgets = rows.budgets()
-    state.layers = [RowBudgetLayer(**vars(layer), budgets=budgets) for layer in state.layers]
-    for layer in state.layers:  # every row holds the same n states: attention may skip its mask until a hole
-        layer.maybe_empty = bool((layer.pos[:, :, : layer.size] == EMPTY).any())
-    return state
+    return State.stack(parts)  # copies, so the parts may repeat
 
 
 def _run_rows(model, tokens, members: Sequence[Policy], starts: list[int], ref: Reference, progress) -> Scores:
     """Members (any budgets) on all chunks at once: Scores (P, B, T-1) over indices 0..T-2. Member i equals the full
-    model below starts[i] (copied from `ref`) and is measured from the recurrence from there on."""
+    model below starts[i] (copied from `ref`) and is measured from the recurrence from there on, run layer-major
+    in pieces (the logits of a piece, (P*B, piece, V), are measured and dropped before the next)."""
     B, T = tokens.shape
     P = len(members)
     out = ref.copies(P)
@@ -343,12 +295,15 @@ def _run_rows(model, tokens, members: Sequence[Policy], starts: list[int], ref: 
         return out
     rows = RowPolicies(members, B)
     state = _prefix_state(model, tokens[:, : L - 1], rows)
-    model.step(tokens[:, L - 1].repeat(P), state, rows)  # last prefix token: fast mode's one eviction happens here
-    progress(1)
-    for t in range(L, T - 1):
-        logits, state = model.step(tokens[:, t].repeat(P), state, rows)  # (P*B, V): rows member-major
-        ref.measure(out, logits.view(P, B, 1, -1), tokens, t)
-        progress(1)
+    vocab = model.cfg.vocab_size
+    piece = max(16, min(256, 2**27 // (P * B * vocab)))  # ~512 MB of fp32 logits per piece
+    for a in range(L - 1, T - 1, piece):  # the last prefix token first: fast mode's one eviction happens there
+        b = min(a + piece, T - 1)
+        logits, state = model.prefill(tokens[:, a:b].repeat(P, 1), state, rows, all_logits=True)  # (P*B, n, V)
+        if a + 1 < b or a >= L:
+            keep = slice(max(L - a, 0), None)  # index L-1 predicts token L: still the full model's, from `ref`
+            ref.measure(out, logits.view(P, B, b - a, -1)[:, :, keep], tokens, max(a, L))
+        progress(b - a)
     for i, start in enumerate(starts):  # a member with a larger budget (or prompt) still equalled full up to there
         out.loss[i, :, L:start], out.agree[i, :, L:start], out.kl[i, :, L:start] = ref.loss[:, L:start], True, 0.0
     return out
@@ -361,7 +316,7 @@ def score(model, tokens, policies: Sequence[Policy | None], prefill: str = "exac
 
     Returns one Scores per policy, each tensor (B, N) over the scored next tokens (positions max(P,1)..T-1).
     All policies (of one position scheme) run together as one batch of policies x chunks rows, whatever their
-    budgets (see RowPolicies and RowBudgetLayer)."""
+    budgets (see RowPolicies)."""
     tokens = _as_batch(tokens)
     T = tokens.shape[1]
     prompt = _check_run(prefill, prompt, T)

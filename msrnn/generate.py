@@ -11,7 +11,7 @@ transformer an RNN, and why `msrnn chat` can continue past the model's context l
 Batches of prompts of different lengths. msrnn's model has no padding mask: a row's visible states are decided by
 their positions alone. So we never pad a prompt. Each prompt is prefilled alone in its own batch-1 state (exactly
 what it would see alone, evictions included), and the row states are then stacked into one batch state
-(`stack_states`): a shorter row's unused slots get position -1 (EMPTY), which attention masks out and eviction drops
+(`State.stack`): a shorter row's unused slots get position -1 (EMPTY), which attention masks out and eviction drops
 first. Decoding then steps all rows together, and each row gets the tokens it would get alone (greedy), up to
 floating-point summation order. One caveat: `dynamic` RoPE scaling depends on the longest position in the call, so
 with that (rare) rope type the rows of a batch do see each other's lengths, as in transformers.
@@ -28,7 +28,7 @@ import torch
 
 from .errors import InputError
 from .policies import POLICIES, Policy, make_policy
-from .state import EMPTY, LayerState, State
+from .state import State
 
 PREFILL_MODES = ("exact", "fast")
 INFO_BUDGETS = (64, 256, 512, 1024, 2048)
@@ -135,33 +135,6 @@ def _encode(text: str, tokenizer, chat: bool) -> list[int]:
 
 
 # --- batch states ---------------------------------------------------------------------------------------------------
-def stack_states(states: list[State]) -> State:
-    """One batch state from batch states of different sizes (rows in order). A row with fewer states than the
-    largest gets EMPTY slots (position -1): invisible to attention, and the first thing eviction drops."""
-    first = states[0]
-    if any(s.rope_at_use != first.rope_at_use or len(s.layers) != len(first.layers) for s in states):
-        raise InputError("cannot stack states made by different models or position schemes.")
-    layers = [_stack_layers([s.layers[i] for s in states]) for i in range(len(first.layers))]
-    return State(layers, torch.cat([s.next_pos for s in states]), first.rope_at_use, dict(first.meta))
-
-
-def _stack_layers(rows: list[LayerState]) -> LayerState:
-    size = max(r.size for r in rows)
-    capacity = max(size + 1, *(r.capacity for r in rows))  # room for the next token; append() grows beyond
-    ref, B = rows[0], sum(r.keys.shape[0] for r in rows)
-    _, Hkv, _, hd = ref.keys.shape
-    out = LayerState(keys=ref.keys.new_zeros(B, Hkv, capacity, hd), values=ref.values.new_zeros(B, Hkv, capacity, hd),
-                     pos=ref.pos.new_full((B, Hkv, capacity), EMPTY), score=ref.score.new_zeros(B, Hkv, capacity),
-                     size=size)
-    b = 0
-    for r in rows:
-        rows_here, n = r.keys.shape[0], r.size
-        for dst, src in ((out.keys, r.keys), (out.values, r.values), (out.pos, r.pos), (out.score, r.score)):
-            dst[b : b + rows_here, :, :n] = src[:, :, :n]  # (rows, Hkv, n, ...) the row's states, slots [0, n)
-        b += rows_here
-    return out
-
-
 def prefill_rows(model, rows: list[list[int]], policy: Policy | None, mode: str = "exact"):
     """Prefill each prompt alone (no padding, so each row sees exactly its own tokens), then stack the row states.
 
@@ -169,7 +142,7 @@ def prefill_rows(model, rows: list[list[int]], policy: Policy | None, mode: str 
     device = model.embed.weight.device
     results = [model.prefill(torch.tensor([row], device=device), None, policy, mode) for row in rows]
     logits = torch.cat([lg for lg, _ in results])  # (B, V)
-    state = results[0][1] if len(results) == 1 else stack_states([s for _, s in results])
+    state = results[0][1] if len(results) == 1 else State.stack([s for _, s in results])
     return logits, state
 
 

@@ -38,28 +38,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-def attend(q, keys, values, qpos, kpos, window, all_visible=False):
-    """Softmax attention of T queries over the S states of a layer, visibility decided by positions alone.
-
-    q (B, Hkv, G, T, hd); keys, values (B, Hkv, S, hd); qpos (B, T); kpos (B, Hkv, S).
-    all_visible: the caller knows every state is visible to every query (one query, no empty slot, no window).
-    Returns out (B, Hkv, G, T, hd) and the fp32 probabilities (B, Hkv, G, T, S).
-    """
-    B, Hkv, G, T, hd = q.shape
-    S = keys.shape[2]
-    scores = q.reshape(B, Hkv, G * T, hd) @ keys.transpose(-1, -2)  # (B, Hkv, G*T, S): no repeat_kv copy
-    scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(hd))
-    if not all_visible:
-        age = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, Hkv, T, S) how far back each state lies
-        visible = (kpos[:, :, None, :] != EMPTY) & (age >= 0)  # causal: a query sees itself and the past
-        if window is not None:
-            visible &= age < window  # Mistral: 0 <= i - j < sliding_window
-        scores = scores.masked_fill(~visible[:, :, None], torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, Hkv, G, T, S) fp32 as in transformers
-    out = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values  # (B, Hkv, G*T, hd)
-    return out.view(B, Hkv, G, T, hd), probs
-
-
 class Block(nn.Module):
     """One decoder layer: pre-norm attention over the layer's multi-state, then a pre-norm SwiGLU MLP."""
 
@@ -74,11 +52,13 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate_proj | up_proj, fused
         self.down = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
 
-    def forward(self, x, layer_state, pos, rope, policy: Policy | None):
-        """x (B, T, d) -> (B, T, d); layer_state grows by T, then the policy bounds it.
+    def forward(self, x, layer_state, pos, rope, policy: Policy | None, each_token: bool = True):
+        """x (B, T, d) -> (B, T, d): T new tokens through this layer; layer_state grows by T, the policy bounds it.
 
-        rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T).
-        """
+        rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T); inv_freq is (hd/2,), or
+        (T, hd/2) when each token has its own (dynamic scaling, token by token). each_token: the policy evicts after
+        every token (the recurrence, run here layer-major: see `scan`); False: once, after the whole chunk (fast
+        prefill)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -91,27 +71,119 @@ class Block(nn.Module):
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
-        layer_state.append(k, v, pos)  # n -> n + T states
+        n0 = layer_state.size
+        layer_state.append(k, v, pos)  # n -> n + T states (the candidates)
+        bounded = policy is not None and policy.states is not None
+        # Queries 0..first-1 cannot cause an eviction (the layer holds <= k states until then): one parallel call.
+        first = T if not bounded or not each_token else min(max(policy.min_budget() - n0, 0), T)
+        if scheme != "absolute" and inv_freq.dim() == 2:
+            first = 0  # per-token dynamic RoPE re-rotates every kept key at each step: no parallel shortcut
         S = layer_state.size
-        kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
-        if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
-            c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, x.dtype)  # (B, Hkv, S, hd)
-            keys = rotate(keys, c, s)
-            q = rotate(q, c[:, :, None, S - T :], s[:, :, None, S - T :])  # a query sits where its own key sits
-        all_visible = T == 1 and cfg.sliding_window is None and not layer_state.maybe_empty
-        out, probs = attend(q, keys, layer_state.values[:, :, :S], pos, kpos, cfg.sliding_window, all_visible)
-        if policy is not None and policy.states is not None:
-            attn = probs.reshape(B, H, T, S)  # (B, H, T, S) query head h = kv head h // G
-            if type(policy).update is not Policy.update:  # only policies that keep a running score
-                layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], attn)
-            if S > policy.states:  # the paper's order: attend over n+1, then keep k
-                prio = policy.priority(attn[:, :, -1], kpos, layer_state.score[:, :, :S])
-                layer_state.evict(prio, policy.states)
-
-        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # heads back side by side: (B, T, H*hd)
+        probs = self.attend_parallel(q[:, :, :, :first], layer_state, pos[:, :first], scheme, inv_freq, S - T)
+        if bounded and policy.keeps_score and first:
+            layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], probs.reshape(B, H, first, S))
+        if first < T:  # the recurrence: attend, then evict, one token at a time
+            inv_scan = inv_freq[first:] if inv_freq.dim() == 2 else inv_freq
+            probs = torch.cat([probs, scan(q[:, :, :, first:], layer_state, n0 + first, policy, scheme, inv_scan,
+                                           cfg.sliding_window)], dim=3)
+        elif bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
+            layer_state.keep_top(policy.priority(probs.reshape(B, H, T, S)[:, :, -1], layer_state.pos[:, :, :S],
+                                                 layer_state.score[:, :, :S]), policy.budget())
+        out = probs.to(v.dtype).view(B, Hkv, -1, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G*T, hd)
+        if bounded:
+            layer_state.compact()  # evicted slots go to the newest survivors: the layer holds <= k slots again
+        out = out.view(B, Hkv, H // Hkv, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # (B, T, H*hd)
         x = x + self.o(out)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, I) each
         return x + self.down(F.silu(gate) * up)
+
+    def attend_parallel(self, q, layer_state, qpos, scheme, inv_freq, new_at):
+        """Probabilities (B, Hkv, G, T, S) of T queries over the layer's S states when none is evicted between
+        them. Keys of a rotate-at-use scheme are rotated here at their effective positions; query t sits where its
+        own key (slot new_at + t) sits."""
+        S, (B, Hkv, G, T, hd) = layer_state.size, q.shape
+        if T == 0:
+            return torch.empty(B, Hkv, G, 0, S)
+        kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
+        if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
+            c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, q.dtype)  # (B, Hkv, S, hd)
+            keys = rotate(keys, c, s)
+            q = rotate(q, c[:, :, None, new_at : new_at + T], s[:, :, None, new_at : new_at + T])
+        last_is_newest = new_at + T == S  # no later token is in the layer yet
+        all_visible = T == 1 and last_is_newest and self.cfg.sliding_window is None and not layer_state.maybe_empty
+        return attention_probs(q, keys, qpos, kpos, self.cfg.sliding_window, all_visible)
+
+
+def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -> torch.Tensor:
+    """The bounded recurrence of one layer over T queries whose keys and values are already in the layer (slots
+    start .. start+T-1, after the states kept so far): token t enters, its query attends to every state held, and
+    the policy drops what is over budget, before token t+1 enters. Returns the probabilities (B, Hkv, G, T, S).
+
+    This is where the model runs *layer-major*: every other part of the layer (projections, MLP) saw all T tokens
+    in one matrix product. It is exact because a policy decides from its own layer alone (Policy.layer_local): the
+    layer's inputs for all T tokens are known once the layer below has run. Nothing moves inside the loop; an
+    evicted state only gets position EMPTY, so the scores of all T queries against all S slots are one product,
+    and a step is a masked softmax, the policy, and one scatter.
+    """
+    B, Hkv, G, T, hd = q.shape
+    S = layer_state.size
+    pos = layer_state.pos[:, :, :S]  # (B, Hkv, S) a view: EMPTY = not held (evicted, or not entered yet)
+    true_pos = pos.clone()  # (B, Hkv, S) where each candidate state sits in the stream
+    entering = true_pos[:, :, start:]  # (B, Hkv, T) the new tokens, in order
+    pos[:, :, start:] = EMPTY
+    qpos = entering[:, 0]  # (B, T)
+    too_old = None
+    if window is not None:  # Mistral: a state further back than the window is invisible (not evicted)
+        too_old = (qpos[:, None, :, None] - true_pos[:, :, None, :]) >= window  # (B, Hkv, T, S)
+    scores = None
+    if scheme == "absolute":  # keys do not move: all T queries against all S slots at once
+        scores = (q.reshape(B, Hkv, G * T, hd) @ layer_state.keys[:, :, :S].transpose(-1, -2)).view(B, Hkv, G, T, S)
+        scores = scores * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, S)
+    probs = torch.empty(B, Hkv, G, T, S)  # (B, Hkv, G, T, S) fp32
+    needs_attn = policy.needs_attention or policy.keeps_score
+    budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
+    for t in range(T):
+        pos[:, :, start + t] = entering[:, :, t]  # token t enters: n -> n + 1 states
+        hidden = pos == EMPTY  # (B, Hkv, S)
+        if scores is None:  # rotate at use: each step re-assigns the effective positions of what is held
+            inv = inv_freq[t] if inv_freq.dim() == 2 else inv_freq
+            c, s = cos_sin(effective_positions(pos, scheme), inv, q.dtype)  # (B, Hkv, S, hd)
+            qt = rotate(q[:, :, :, t], c[:, :, None, start + t], s[:, :, None, start + t])  # (B, Hkv, G, hd)
+            row = (qt @ rotate(layer_state.keys[:, :, :S], c, s).transpose(-1, -2)) * (1.0 / math.sqrt(hd))
+        else:
+            row = scores[:, :, :, t]  # (B, Hkv, G, S)
+        mask = hidden if too_old is None else hidden | too_old[:, :, t]
+        probs[:, :, :, t] = p = F.softmax(row.masked_fill(mask[:, :, None], torch.finfo(row.dtype).min), dim=-1,
+                                          dtype=torch.float32)  # (B, Hkv, G, S)
+        attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
+        score = layer_state.score[:, :, :S]
+        if policy.keeps_score:
+            layer_state.score[:, :, :S] = score = policy.update(score, attn[:, :, None])
+        prio = policy.priority(attn, pos, score)
+        if overfull and t == 0:
+            layer_state.keep_top(prio, budget)
+        else:
+            layer_state.drop_lowest(prio, budget, hidden)
+    return probs
+
+
+def attention_probs(q, keys, qpos, kpos, window, all_visible=False):
+    """Softmax attention probabilities of T queries over S states, visibility decided by positions alone.
+
+    q (B, Hkv, G, T, hd); keys (B, Hkv, S, hd); qpos (B, T); kpos (B, Hkv, S). all_visible: the caller knows every
+    state is visible to every query (one query, no empty slot, no window). Returns fp32 (B, Hkv, G, T, S).
+    """
+    B, Hkv, G, T, hd = q.shape
+    S = keys.shape[2]
+    scores = q.reshape(B, Hkv, G * T, hd) @ keys.transpose(-1, -2)  # (B, Hkv, G*T, S): no repeat_kv copy
+    scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(hd))
+    if not all_visible:
+        age = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, Hkv, T, S) how far back each state lies
+        visible = (kpos[:, :, None, :] != EMPTY) & (age >= 0)  # causal: a query sees itself and the past
+        if window is not None:
+            visible &= age < window  # Mistral: 0 <= i - j < sliding_window
+        scores = scores.masked_fill(~visible[:, :, None], torch.finfo(scores.dtype).min)
+    return F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, Hkv, G, T, S) fp32 as in transformers
 
 
 class Transformer(nn.Module):
@@ -134,24 +206,31 @@ class Transformer(nn.Module):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         states = getattr(policy, "states", None)
-        capacity = states + 1 if states is not None else 64
+        capacity = states + 2 if states is not None else 64  # k + the incoming token + a spare slot
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
         rope_at_use = getattr(policy, "positions", "absolute") != "absolute"
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
                            self.dtype, rope_at_use=rope_at_use, meta=meta)
 
     # --- the one loop -------------------------------------------------------------------------------------------
-    def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None) -> torch.Tensor:
-        """Feed T new tokens per row through every layer, updating `state`; returns final hidden (B, T, d)."""
+    def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None, each_token: bool = True):
+        """Feed T new tokens per row through every layer, updating `state`; returns final hidden (B, T, d).
+
+        Layer-major: each layer takes all T tokens before the next layer starts (see `scan` for why a bounded
+        policy still evicts after every token). each_token=False evicts once per layer, after the T tokens."""
         self._check(tokens, state, policy)
         B, T = tokens.shape
         pos = state.next_pos[:, None] + torch.arange(T)  # (B, T) absolute positions of the new tokens
-        seq_len = int(pos.max()) + 1  # dynamic RoPE scales by the length of this forward call (transformers' rule)
-        inv_freq = inv_frequencies(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, seq_len)
+        cfg = self.cfg
+        if policy is not None and policy.states is not None and each_token:
+            seq_len = pos.amax(dim=0) + 1  # (T,) token by token, as the recurrence would rotate each one
+        else:
+            seq_len = int(pos.max()) + 1  # dynamic RoPE scales by the length of the forward call (transformers)
+        inv_freq = inv_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)  # (hd/2,) | (T, hd/2)
         cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
         x = self.embed(tokens)  # (B, T, d)
         for block, layer_state in zip(self.layers, state.layers):
-            x = block(x, layer_state, pos, (inv_freq, cos, sin), policy)
+            x = block(x, layer_state, pos, (inv_freq, cos, sin), policy, each_token)
         state.next_pos = state.next_pos + T
         return self.norm(x)
 
@@ -184,31 +263,36 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def prefill(self, tokens, state: State | None = None, policy: Policy | None = None, mode: str = "exact",
-                all_logits: bool = False):
+                all_logits: bool = False, chunk: int = 256, progress=None):
         """Consume a prompt tokens (B, T). Returns (logits, state): logits of the last token (B, vocab), or of every
         token (B, T, vocab) with all_logits=True.
 
-        mode="exact": the prompt is run as the recurrence, token by token with eviction at every step (the paper's
-        Algorithm 1). The first tokens that cannot trigger an eviction (while the state holds <= k) go in one parallel
-        call, which computes the same thing.
+        mode="exact": the prompt is run as the recurrence, with eviction after every token (the paper's Algorithm
+        1), `chunk` tokens at a time layer-major (see `scan`): the same arithmetic as stepping each token, with each
+        layer's weights read once per chunk. A policy that is not layer_local is stepped token by token.
         mode="fast": one parallel call over the whole prompt, then a single eviction down to k by the last query's
         attention (what the official TOVA code and kvpress do). Identical to "exact" when nothing is evicted.
+        progress: called with the number of tokens after each chunk (a progress bar's update).
         """
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise InputError(f"prefill takes a prompt of shape (B, T) with T >= 1; got shape {tuple(tokens.shape)}.")
         if mode not in ("exact", "fast"):
             raise InputError(f"prefill mode {mode!r} is unknown; choose 'exact' or 'fast'.")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise InputError(f"chunk={chunk!r}: give a positive number of tokens per layer-major chunk.")
         if state is None:
             state = self.init_state(tokens.shape[0], policy)
-        budget = getattr(policy, "states", None)
-        if mode == "fast" or budget is None:
-            chunks = [tokens]
-        else:  # parallel up to the budget, then one token at a time
-            free = max(budget - state.size, 0)
-            chunks = [tokens[:, :free]] if free else []
-            chunks += list(tokens[:, free:].split(1, dim=1)) if tokens.shape[1] > free else []
-        hidden = [self._advance(chunk, state, policy) for chunk in chunks]
+        bounded = getattr(policy, "states", None) is not None
+        if mode == "fast" or not bounded:
+            chunk = tokens.shape[1]  # nothing is evicted inside the call: one parallel pass
+        elif not policy.layer_local:
+            chunk = 1  # the policy looks beyond its layer: token-major, the plain recurrence
+        hidden = []
+        for piece in tokens.split(chunk, dim=1):
+            hidden.append(self._advance(piece, state, policy, each_token=mode == "exact"))
+            if progress is not None:
+                progress(piece.shape[1])
         if all_logits:
             return self._logits(torch.cat(hidden, dim=1)), state
         return self._logits(hidden[-1][:, -1]), state

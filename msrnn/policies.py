@@ -33,8 +33,14 @@ class Policy:
     """Base class. Subclasses set `name` and implement `priority` (and `update` if they keep a score)."""
 
     name = "policy"
-    needs_attention = True  # False: priority ignores `attn` (window, sinks...), so no probabilities are needed
+    needs_attention = True  # False: priority ignores `attn` (window, sinks...); it is then given None
+    layer_local = True  # decides from its own layer's tensors only, so a chunk can run layer-major (model.scan)
     min_states = 1  # the smallest budget that makes sense for this policy
+    keeps_score = False  # set for every class that overrides `update`
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.keeps_score = cls.update is not Policy.update
 
     def __init__(self, states: int, positions: str = "absolute"):
         if isinstance(states, bool) or not isinstance(states, int) or states < self.min_states:
@@ -43,6 +49,14 @@ class Policy:
             raise InputError(f"positions={positions!r} is unknown; choose one of {', '.join(POSITION_SCHEMES)}.")
         self.states = states  # k: the most states a layer keeps after each step
         self.positions = positions
+
+    def budget(self):
+        """k, the most states a row may keep: an int, or (B, 1, 1) when rows have budgets of their own."""
+        return self.states
+
+    def min_budget(self) -> int:
+        """The smallest budget of any row: a layer holding no more cannot have to evict."""
+        return self.states
 
     def update(self, score: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return score

@@ -21,8 +21,14 @@ import torch
 from .config import RopeConfig
 
 
-def inv_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int = 0) -> torch.Tensor:
-    """(hd/2,) float32 angular speed of each rotated pair. `seq_len` matters only for dynamic scaling."""
+def inv_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len=0) -> torch.Tensor:
+    """(hd/2,) float32 angular speed of each rotated pair. `seq_len` matters only for dynamic scaling; a tensor of
+    lengths (T,) (one per token) gives (T, hd/2) when they scale differently."""
+    if isinstance(seq_len, torch.Tensor):
+        lengths = seq_len.clamp(min=max_position_embeddings).tolist() if rope.type == "dynamic" else [0]
+        if len(set(lengths)) == 1:
+            return inv_frequencies(rope, head_dim, max_position_embeddings, int(lengths[0]))
+        return torch.stack([inv_frequencies(rope, head_dim, max_position_embeddings, int(n)) for n in lengths])
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (hd/2,)
     theta = rope.theta
     if rope.type == "dynamic":

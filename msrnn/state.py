@@ -23,6 +23,8 @@ import torch
 from .errors import InputError
 
 EMPTY = -1  # position of an unused slot
+INF = float("inf")
+OLDEST_SENTINEL = 2**62  # larger than any position: a slot that is not a candidate for eviction
 
 
 @dataclass
@@ -42,10 +44,11 @@ class LayerState:
         return self.keys.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Add T new states: k, v (B, Hkv, T, hd), pos (B, T). The state grows n -> n + T."""
+        """Add T new states: k, v (B, Hkv, T, hd), pos (B, T). The state grows n -> n + T (one spare slot is kept
+        free behind them: eviction writes there when a row has nothing to drop)."""
         T = k.shape[2]
-        if self.size + T > self.capacity:
-            self._grow(max(2 * self.capacity, self.size + T))
+        if self.size + T + 1 > self.capacity:
+            self._grow(max(2 * self.capacity, self.size + T + 1))
         new = slice(self.size, self.size + T)
         self.keys[:, :, new] = k
         self.values[:, :, new] = v
@@ -65,37 +68,68 @@ class LayerState:
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.pos, self.score = pad(self.pos, EMPTY), pad(self.score, 0.0)
 
-    def evict(self, priority: torch.Tensor, budget: int) -> None:
-        """Keep at most `budget` states per row and kv head: those of highest priority; -inf means "drop now".
+    # --- eviction: a state leaves by getting position EMPTY; compact() then reuses its slot ----------------------
+    def drop_lowest(self, priority: torch.Tensor, budget, hidden: torch.Tensor) -> None:
+        """One step of the bounded recurrence: every row and kv head that holds more than `budget` live states (at
+        most one more, the newest having just entered) drops its state of lowest priority; ties drop the oldest.
+        A row over budget drops all its states of priority -inf at once. Positions only: no key or value moves.
 
-        priority: (B, 1 or Hkv, size) float; one row per kv head for head-wise policies, broadcast for layer-wise.
-        """
-        B, Hkv, n = self.pos.shape[0], self.pos.shape[1], self.size
-        prio = priority.expand(B, Hkv, n)
-        if self.maybe_empty:
-            prio = prio.masked_fill(self.pos[:, :, :n] == EMPTY, float("-inf"))
-        drop = prio == float("-inf")  # (B, Hkv, n) states to drop whatever the budget
-        if n == budget + 1 and not drop.any():
-            # The recurrence's steady state: one state out, the newest (slot n-1) moves into its slot.
-            slot = prio.argmin(dim=-1)  # (B, Hkv) the state to drop; may be the newest itself
-            newest = n - 1
-            for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
-                src = buf[:, :, newest : newest + 1].clone()  # (B, Hkv, 1, hd)
-                buf.scatter_(2, slot[:, :, None, None].expand_as(src), src)
-            for buf in (self.pos, self.score):  # (B, Hkv, C)
-                buf.scatter_(2, slot[:, :, None], buf[:, :, newest : newest + 1].clone())
-            self.size = budget
+        priority (B, 1 or Hkv, n) float; budget an int or (B, 1, 1) per row; hidden (B, Hkv, n) bool, the slots
+        that hold no state now (EMPTY)."""
+        n = self.size
+        pos = self.pos[:, :, :n]  # (B, Hkv, n) a view: writing EMPTY into it evicts
+        prio = priority.float().expand(pos.shape).masked_fill(hidden, INF)  # empty slots are never the lowest
+        over = hidden.sum(dim=-1, keepdim=True) < n - budget  # (B, Hkv, 1) live states > budget
+        pos.masked_fill_((prio == -INF) & over, EMPTY)  # "drop now" (baseline): then the row is within budget
+        low = prio.amin(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        oldest = pos.masked_fill((prio != low) | hidden, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        spare = torch.full_like(oldest, n)  # slot n is free (append keeps it so): a row under budget writes there
+        self.pos.scatter_(2, torch.where(over, oldest, spare), EMPTY)
+
+    def keep_top(self, priority: torch.Tensor, budget) -> None:
+        """Keep in every row and kv head its `budget` live states of highest priority (ties keep the newest) and
+        drop the rest, and every state of priority -inf. For any number of states over budget (a fast prefill's
+        single eviction, a state continued under a smaller budget)."""
+        n = self.size
+        pos = self.pos[:, :, :n]  # (B, Hkv, n)
+        live = pos != EMPTY
+        prio = priority.float().expand(pos.shape).masked_fill(~live, -INF)
+        by_age = pos.argsort(dim=-1, descending=True, stable=True)  # newest first ...
+        order = by_age.gather(-1, prio.gather(-1, by_age).argsort(dim=-1, descending=True, stable=True))  # ... by prio
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))  # (B, Hkv, n)
+        pos.masked_fill_(live & ((rank >= budget) | (prio == -INF)), EMPTY)
+
+    def evict(self, priority: torch.Tensor, budget) -> None:
+        """Keep at most `budget` states per row and kv head, those of highest priority (-inf: drop now), and
+        reuse the freed slots. priority (B, 1 or Hkv, size)."""
+        self.keep_top(priority, budget)
+        self.compact()
+
+    def compact(self) -> None:
+        """Give the slots of evicted states to the newest survivors, so the layer needs only as many slots as its
+        fullest row holds states. The survivors above that line move into the holes below it, in order: for the
+        recurrence (one token in, one out) this is mistral-inference's ring buffer, the newest overwriting the
+        evicted slot. Rows that hold fewer states keep EMPTY holes, which attention masks out."""
+        n = self.size
+        live = self.pos[:, :, :n] != EMPTY  # (B, Hkv, n)
+        counts = live.sum(dim=-1)  # (B, Hkv)
+        size = int(counts.max()) if n else 0
+        self.maybe_empty = bool((counts < size).any())
+        if size == n:
             return
-        # General case (prefill's one-shot eviction, resets, padding): the top `budget` of what may stay.
-        kept = min(budget, int((~drop).sum(-1).max()))
-        idx = prio.topk(kept, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, kept) slots to keep, in slot order
-        dropped = drop.gather(-1, idx)  # (B, Hkv, kept) a row with fewer survivors than another pads with holes
-        for buf in (self.keys, self.values):
-            buf[:, :, :kept] = buf.gather(2, idx[..., None].expand(-1, -1, -1, buf.shape[-1]))
-        self.pos[:, :, :kept] = self.pos.gather(2, idx).masked_fill(dropped, EMPTY)
-        self.score[:, :, :kept] = self.score.gather(2, idx)
-        self.size = kept
-        self.maybe_empty = self.maybe_empty or bool(dropped.any())
+        slot = torch.arange(n)
+        hole = ~live & (slot < size)  # (B, Hkv, n) free slots below the line
+        mover = (live & (slot >= size))[:, :, size:]  # (B, Hkv, n - size) survivors above it
+        holes_first = (~hole).to(torch.int8).argsort(dim=-1, stable=True)  # (B, Hkv, n) hole slots, in order, first
+        rank = mover.cumsum(dim=-1) - 1  # (B, Hkv, n - size) i-th mover -> i-th hole
+        target = torch.where(mover, holes_first.gather(-1, rank.clamp(min=0)), slot[size:])  # others stay put
+        for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
+            src = buf[:, :, size:n].clone()
+            buf.scatter_(2, target[..., None].expand_as(src), src)
+        for buf in (self.pos, self.score):  # (B, Hkv, C)
+            buf.scatter_(2, target, buf[:, :, size:n].clone())
+        self.pos[:, :, size:] = EMPTY
+        self.size = size
 
     def copy(self) -> "LayerState":
         return LayerState(self.keys.clone(), self.values.clone(), self.pos.clone(), self.score.clone(), self.size,
@@ -124,6 +158,16 @@ class State:
 
         next_pos = torch.zeros(batch_size, dtype=torch.int64)
         return cls([layer() for _ in range(num_layers)], next_pos, rope_at_use, dict(meta or {}))
+
+    @classmethod
+    def stack(cls, states: list["State"]) -> "State":
+        """One batch state from states of any sizes (rows in order; copies, so a state may appear twice). A row
+        with fewer states than the largest gets EMPTY slots (position -1): invisible to attention, never evicted."""
+        first = states[0]
+        if any(s.rope_at_use != first.rope_at_use or len(s.layers) != len(first.layers) for s in states):
+            raise InputError("cannot stack states made by different models or position schemes.")
+        layers = [_stack_layers([s.layers[i] for s in states]) for i in range(len(first.layers))]
+        return cls(layers, torch.cat([s.next_pos for s in states]), first.rope_at_use, dict(first.meta))
 
     @property
     def batch_size(self) -> int:
@@ -186,3 +230,21 @@ class State:
             k, v, p, s = (t[f"layers.{i}.{name}"] for name in ("keys", "values", "pos", "score"))
             layers.append(LayerState(k, v, p, s, size=k.shape[2]))
         return cls(layers, t["next_pos"], header["rope_at_use"], header["meta"])
+
+
+def _stack_layers(rows: list[LayerState]) -> LayerState:
+    size = max(r.size for r in rows)
+    ref, B = rows[0], sum(r.keys.shape[0] for r in rows)
+    _, Hkv, _, hd = ref.keys.shape
+    capacity = max(size + 2, *(r.capacity for r in rows))  # room for the next token and a spare slot
+    out = LayerState(keys=ref.keys.new_zeros(B, Hkv, capacity, hd), values=ref.values.new_zeros(B, Hkv, capacity, hd),
+                     pos=ref.pos.new_full((B, Hkv, capacity), EMPTY), score=ref.score.new_zeros(B, Hkv, capacity),
+                     size=size)
+    b = 0
+    for r in rows:
+        rows_here, n = r.keys.shape[0], r.size
+        for dst, src in ((out.keys, r.keys), (out.values, r.values), (out.pos, r.pos), (out.score, r.score)):
+            dst[b : b + rows_here, :, :n] = src[:, :, :n]  # (rows, Hkv, n, ...) the row's states, slots [0, n)
+        b += rows_here
+    out.maybe_empty = bool((out.pos[:, :, :size] == EMPTY).any())
+    return out

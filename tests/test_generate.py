@@ -15,7 +15,8 @@ import torch
 import msrnn
 from msrnn.cli import main
 from msrnn.errors import InputError
-from msrnn.generate import ChatSession, generate, generate_text, model_info, sample, stack_states
+from msrnn.generate import ChatSession, generate, generate_text, model_info, sample
+from msrnn.state import State
 from msrnn.policies import make_policy
 from tiny import hf_model, save
 
@@ -103,7 +104,7 @@ def test_stack_states_pads_with_empty_slots(tiny):
     model, _ = tiny
     short = model.prefill(torch.tensor([[5, 6]]))[1]
     long = model.prefill(torch.tensor([[5, 6, 7, 8, 9]]))[1]
-    both = stack_states([short, long])
+    both = State.stack([short, long])
     assert both.size == 5 and both.next_pos.tolist() == [2, 5]
     assert both.layers[0].pos[0, 0, :5].tolist() == [0, 1, -1, -1, -1]
     assert both.layers[0].pos[1, 0, :5].tolist() == [0, 1, 2, 3, 4]
