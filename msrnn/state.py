@@ -88,7 +88,7 @@ class LayerState:
 
     def keep_top(self, priority: torch.Tensor, budget) -> None:
         """Keep in every row and kv head its `budget` live states of highest priority (ties keep the newest) and
-        drop the rest, and every state of priority -inf. For any number of states over budget (a fast prefill's
+        drop the rest; a row over budget also drops every state of priority -inf. For any number of states over budget (a fast prefill's
         single eviction, a state continued under a smaller budget)."""
         n = self.size
         pos = self.pos[:, :, :n]  # (B, Hkv, n)
@@ -97,7 +97,8 @@ class LayerState:
         by_age = pos.argsort(dim=-1, descending=True, stable=True)  # newest first ...
         order = by_age.gather(-1, prio.gather(-1, by_age).argsort(dim=-1, descending=True, stable=True))  # ... by prio
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))  # (B, Hkv, n)
-        pos.masked_fill_(live & ((rank >= budget) | (prio == -INF)), EMPTY)
+        over = live.sum(dim=-1, keepdim=True) > budget  # (B, Hkv, 1) rows that must give states up
+        pos.masked_fill_(live & ((rank >= budget) | ((prio == -INF) & over)), EMPTY)
 
     def evict(self, priority: torch.Tensor, budget) -> None:
         """Keep at most `budget` states per row and kv head, those of highest priority (-inf: drop now), and

