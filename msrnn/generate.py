@@ -135,12 +135,13 @@ def _encode(text: str, tokenizer, chat: bool) -> list[int]:
 
 
 # --- batch states ---------------------------------------------------------------------------------------------------
-def prefill_rows(model, rows: list[list[int]], policy: Policy | None, mode: str = "exact"):
+def prefill_rows(model, rows: list[list[int]], policy: Policy | None, mode: str = "exact", progress=None):
     """Prefill each prompt alone (no padding, so each row sees exactly its own tokens), then stack the row states.
 
     Returns logits of each prompt's last token (B, V) and the batch state."""
     device = model.embed.weight.device
-    results = [model.prefill(torch.tensor([row], device=device), None, policy, mode) for row in rows]
+    results = [model.prefill(torch.tensor([row], device=device), None, policy, mode, progress=progress)
+               for row in rows]
     logits = torch.cat([lg for lg, _ in results])  # (B, V)
     state = results[0][1] if len(results) == 1 else State.stack([s for _, s in results])
     return logits, state
@@ -180,7 +181,7 @@ def _check_run(max_new_tokens, prefill: str) -> None:
 def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, states: int | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, prefill: str = "exact", stop_at_eos: bool = True,
-             chat: bool = False, state: State | None = None) -> Iterator:
+             chat: bool = False, state: State | None = None, progress: bool = False) -> Iterator:
     """Stream the continuation of `prompt`, piece by piece as tokens arrive.
 
     prompt: a string (encoded with `tokenizer`; with chat=True first wrapped in the tokenizer's chat template), a
@@ -190,6 +191,7 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
     config's) unless stop_at_eos=False; the EOS token itself is not yielded.
     state: continue this single-row state (updated in place) instead of starting a new one; afterwards it has seen
     the prompt and every yielded token, so the next call can continue the same conversation.
+    progress: show a progress bar on stderr while the prompt is read, if that takes more than a second.
 
     Yields text pieces (str) for one prompt, (row, piece) pairs for a batch; token ids instead of text when no
     tokenizer is given. Arguments are checked when called, before the first token is asked for.
@@ -205,19 +207,24 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
         raise InputError("state= continues a single prompt; give one prompt, or no state for a batch.")
     pick = make_sampler(temperature, top_k, top_p, seed, model.embed.weight.device)
     stop = eos_ids(model, tokenizer) if stop_at_eos else []
-    tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state)
+    tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progress)
     return _pieces(tokens, tokenizer, len(rows), batched)
 
 
-def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state) -> Iterator[tuple[int, int]]:
+def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progress) -> Iterator[tuple[int, int]]:
     """(row, token id) for every answer token, in order."""
+    from tqdm import tqdm
+
     continuing = state is not None  # the caller keeps the state: it must see the prompt and the last token too
-    if continuing:
-        logits, state = model.prefill(torch.tensor(rows, device=model.embed.weight.device), state, policy, prefill)
-    elif max_new_tokens == 0:
+    if not continuing and max_new_tokens == 0:
         return
-    else:
-        logits, state = prefill_rows(model, rows, policy, prefill)
+    with tqdm(total=sum(map(len, rows)), desc="prompt", unit="tok", file=sys.stderr, delay=1.0, leave=False,
+              disable=not progress) as bar:
+        if continuing:
+            logits, state = model.prefill(torch.tensor(rows, device=model.embed.weight.device), state, policy,
+                                          prefill, progress=bar.update)
+        else:
+            logits, state = prefill_rows(model, rows, policy, prefill, progress=bar.update)
     for tokens, new in decode_tokens(model, logits, state, policy, max_new_tokens, pick, stop, continuing):
         for row in new.nonzero()[:, 0].tolist():
             yield row, int(tokens[row])
@@ -336,7 +343,8 @@ def _model_args(p) -> None:
 
 
 def _policy_args(p, default_note: str) -> None:
-    p.add_argument("--policy", choices=list(POLICIES), help=f"which states to keep ({default_note})")
+    p.add_argument("--policy", help=f"which states to keep: {', '.join(POLICIES)}, settings in parentheses "
+                   f"(\"tova-decay(gamma=0.8)\") or your own path/to/file.py:ClassName ({default_note})")
     p.add_argument("--states", type=int, metavar="K", help="the policy's budget: states kept per layer")
     p.add_argument("--prefill", default="exact", choices=PREFILL_MODES,
                    help="exact: the prompt runs as the recurrence (evicting per token); fast: one parallel pass, "
@@ -371,7 +379,8 @@ def run_generate(args) -> None:
     [prompt], _ = encode_prompts(args.prompt, tokenizer, args.chat)
     state = model.init_state(1, policy) if args.verbose else None  # our own state, to report on it afterwards
     times = [time.perf_counter()]
-    _write(generate(model, prompt, tokenizer, policy=policy, state=state, **_sampling(args)), times)
+    _write(generate(model, prompt, tokenizer, policy=policy, state=state, progress=sys.stderr.isatty(),
+                    **_sampling(args)), times)
     if args.verbose:
         n = int(state.next_pos[0]) - len(prompt)  # the state has seen the prompt and every new token
         timing = f"; first piece after {times[1] - times[0]:.1f} s" if len(times) > 1 else ""
@@ -446,7 +455,7 @@ class ChatSession:
         ids = self.tokenizer.encode(full[seen:], add_bos=False)  # the chat template writes BOS where wanted
         answer = []
         for piece in generate(self.model, ids, self.tokenizer, policy=self.policy, state=self.state,
-                              **self.sampling):
+                              progress=sys.stderr.isatty(), **self.sampling):
             answer.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(answer)})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import html
 import math
 import sys
@@ -48,8 +49,8 @@ MAX_ALPHA = 0.85
 class RetentionRecorder:
     """Watches a state step by step: for every layer, kv head and token, the last step after which it was held.
 
-    Call `observe(state, step)` after each step (or after a parallel chunk, with the chunk's last step: nothing can
-    be evicted while a layer holds <= k states, so a chunk that fits the budget is held whole). Batch row 0 only.
+    The model calls `observe(layer, step, pos)` after each step of each layer (set it as every LayerState's
+    `trace`); after a parallel part nothing was evicted, so one call for its last step covers it. Batch row 0 only.
     """
 
     def __init__(self, num_layers: int, kv_heads: int, num_tokens: int):
@@ -57,13 +58,14 @@ class RetentionRecorder:
         self.last = (entered - 1).expand(num_layers, kv_heads, num_tokens).clone()  # (L, Hkv, T): not held yet
         self.steps = 0  # steps observed so far
 
-    def observe(self, state: State, step: int) -> None:
-        for last, layer in zip(self.last, state.layers):  # last (Hkv, T)
-            pos = layer.pos[0, :, : layer.size]  # (Hkv, n) positions held by each kv head after this step
-            held = pos != EMPTY
-            heads = torch.arange(pos.shape[0])[:, None].expand_as(pos)  # (Hkv, n)
-            last[heads[held], pos[held]] = step
-        self.steps = step + 1
+    def observe(self, layer: int, step: torch.Tensor, pos: torch.Tensor) -> None:
+        """The model's trace hook (LayerState.trace): after the step of the token at position step[0], layer
+        `layer` holds the positions pos (B, Hkv, n) (EMPTY = not held)."""
+        pos = pos[0]  # (Hkv, n) row 0
+        held = pos != EMPTY
+        heads = torch.arange(pos.shape[0])[:, None].expand_as(pos)  # (Hkv, n)
+        self.last[layer][heads[held], pos[held]] = int(step[0])
+        self.steps = max(self.steps, int(step[0]) + 1)
 
     def kept_heads(self) -> torch.Tensor:
         """(L, Hkv, T) steps each token was kept by each kv head, counted as in the module docstring."""
@@ -112,8 +114,8 @@ class RetentionResult:
 def record_retention(model, tokens, policy: Policy | None, tokenizer=None, progress: bool = False) -> RetentionResult:
     """Run `tokens` (a list of ids) through the recurrence with `policy` and record every token's retention.
 
-    The tokens that fit the budget go in one parallel call (nothing can be evicted yet: the same computation as
-    stepping them, as in `prefill(mode="exact")`); every later token is one `model.step`, with the state read after it.
+    The text goes through `prefill(mode="exact")` (the recurrence, layer-major); every layer reports what it holds
+    after each step through its trace hook (LayerState.trace).
     """
     ids = torch.as_tensor(list(tokens), dtype=torch.int64)
     if ids.dim() != 1 or len(ids) == 0:
@@ -121,15 +123,13 @@ def record_retention(model, tokens, policy: Policy | None, tokenizer=None, progr
     T, cfg = len(ids), model.cfg
     recorder = RetentionRecorder(cfg.num_hidden_layers, cfg.num_key_value_heads, T)
     state = model.init_state(1, policy)
-    budget = getattr(policy, "states", None)
-    free = T if budget is None else min(budget, T)
-    model.prefill(ids[None, :free], state, policy)
-    recorder.observe(state, free - 1)
+    for i, layer in enumerate(state.layers):
+        layer.trace = functools.partial(recorder.observe, i)
     from tqdm import tqdm
 
-    for t in tqdm(range(free, T), desc="retention", unit="tok", disable=not progress, file=sys.stderr):
-        model.step(ids[t : t + 1], state, policy)
-        recorder.observe(state, t)
+    with tqdm(total=T, desc="retention", unit="tok", disable=not progress, file=sys.stderr) as bar:
+        model.prefill(ids[None], state, policy, mode="exact", progress=bar.update)
+    budget = getattr(policy, "states", None)
     heads = recorder.kept_heads()  # (L, Hkv, T)
     pieces = [tokenizer.decode([int(i)]) for i in ids] if tokenizer is not None else [str(int(i)) for i in ids]
     return RetentionResult(ids.tolist(), pieces, heads.max(dim=1).values.numpy(), heads.numpy(),
@@ -301,7 +301,8 @@ def add_cli(subparsers) -> None:
         epilog="example:\n  msrnn inspect --text ../shared/data/frankenstein.txt --policy tova --states 64 "
                "--tokens 1024 --out out/inspect")
     p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
-    p.add_argument("--policy", default="tova", choices=list(POLICIES), help="which states to keep (default tova)")
+    p.add_argument("--policy", default="tova", help=f"which states to keep: {', '.join(POLICIES)}, settings in "
+                   "parentheses (\"tova-decay(gamma=0.8)\") or path/to/file.py:ClassName (default tova)")
     p.add_argument("--states", type=int, default=64, metavar="K", help="the policy's budget (default 64)")
     p.add_argument("--layer", type=int, metavar="L", help="shade by layer L only (default: mean over layers)")
     p.add_argument("--tokens", type=int, default=512, metavar="N", help="use the first N tokens (default 512)")

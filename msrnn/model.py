@@ -82,13 +82,15 @@ class Block(nn.Module):
         probs = self.attend_parallel(q[:, :, :, :first], layer_state, pos[:, :first], scheme, inv_freq, S - T)
         if bounded and policy.keeps_score and first:
             layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], probs.reshape(B, H, first, S))
+        if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
+            layer_state.keep_top(policy.priority(probs.reshape(B, H, T, S)[:, :, -1], layer_state.pos[:, :, :S],
+                                                 layer_state.score[:, :, :S]), policy.budget())
+        if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
+            layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
         if first < T:  # the recurrence: attend, then evict, one token at a time
             inv_scan = inv_freq[first:] if inv_freq.dim() == 2 else inv_freq
             probs = torch.cat([probs, scan(q[:, :, :, first:], layer_state, n0 + first, policy, scheme, inv_scan,
                                            cfg.sliding_window)], dim=3)
-        elif bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
-            layer_state.keep_top(policy.priority(probs.reshape(B, H, T, S)[:, :, -1], layer_state.pos[:, :, :S],
-                                                 layer_state.score[:, :, :S]), policy.budget())
         out = probs.to(v.dtype).view(B, Hkv, -1, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G*T, hd)
         if bounded:
             layer_state.compact()  # evicted slots go to the newest survivors: the layer holds <= k slots again
@@ -164,6 +166,8 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
             layer_state.keep_top(prio, budget)
         else:
             layer_state.drop_lowest(prio, budget, hidden)
+        if layer_state.trace is not None:
+            layer_state.trace(qpos[:, t], pos)
     return probs
 
 

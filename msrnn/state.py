@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,6 +36,9 @@ class LayerState:
     score: torch.Tensor  # (B, Hkv, C) float32, the policy's running score of each slot
     size: int = 0  # slots in use: [0, size)
     maybe_empty: bool = True  # False only while no slot in [0, size) can be EMPTY (lets attention skip its mask)
+    # trace(step, pos): called by the model after each step that may have evicted, with the newest position of each
+    # row (B,) and the positions then held (B, Hkv, n), EMPTY = not held (msrnn.inspect records retention with it)
+    trace: Callable | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.size

@@ -208,6 +208,17 @@ def test_cli_info_and_generate(tiny_dir, tiny, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_generate_takes_every_documented_policy_form(tiny_dir, tiny, tmp_path, capsys):
+    """Settings in parentheses and a policy file, as the docs promise for every command."""
+    model, tok = tiny
+    (tmp_path / "mine.py").write_text("from msrnn.policies import TOVA\nclass Mine(TOVA):\n    name = 'mine'\n")
+    for spec in ("tova-decay(gamma=0.8)", f"{tmp_path / 'mine.py'}:Mine"):
+        assert main(["generate", "the cat sat", "--model", str(tiny_dir), "--max-new-tokens", "6", "--policy", spec,
+                     "--states", "3"]) == 0
+        expected = generate_text(model, "the cat sat", tok, policy=spec, states=3, max_new_tokens=6)
+        assert capsys.readouterr().out == expected + "\n"
+
+
 def test_cli_chat_repl(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello world\n\nthe cat\n/quit\nnot read\n"))
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4", "--verbose"]) == 0
