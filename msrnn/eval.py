@@ -106,6 +106,7 @@ class Reference:
     logprobs: torch.Tensor
     loss: torch.Tensor
     top1: torch.Tensor
+    neg_entropy: torch.Tensor | None = None  # (B, T-1) sum_v p log p of the full model
 
     @classmethod
     @torch.inference_mode()
@@ -115,7 +116,8 @@ class Reference:
         for a in range(0, T - 1, piece):
             logits, state = model.prefill(tokens[:, a : min(a + piece, T - 1)], state, None, all_logits=True)
             logprobs[:, a : a + piece] = torch.log_softmax(logits, dim=-1)  # (B, piece, V)
-        return cls(logprobs, next_token_loss(logprobs, tokens[:, 1:]), logprobs.argmax(-1))
+        neg_entropy = (logprobs.exp() * logprobs).sum(-1)  # (B, T-1)
+        return cls(logprobs, next_token_loss(logprobs, tokens[:, 1:]), logprobs.argmax(-1), neg_entropy)
 
     def copies(self, P: int) -> "Scores":
         """What P policies score while they still equal the full model: (P, B, T-1) each, to be overwritten."""
@@ -123,13 +125,20 @@ class Reference:
                       torch.zeros(P, *self.loss.shape))
 
     def measure(self, into: "Scores", logits: torch.Tensor, tokens: torch.Tensor, start: int) -> None:
-        """Write the measures of logits (P, B, n, V) at indices start..start+n-1 into `into` (P, B, T-1)."""
+        """Write the measures of logits (P, B, n, V) at indices start..start+n-1 into `into` (P, B, T-1).
+
+        With z the logits and lse = log sum exp z, log p = z - lse, so the loss is lse - z[target] and
+        KL(full || policy) = sum p_full log p_full - sum p_full z + lse (p_full sums to 1): four passes over the
+        (P, B, n, V) logits, none of them writing a tensor of that size (log_softmax would)."""
         n = logits.shape[2]
-        logprobs = torch.log_softmax(logits, dim=-1)  # (P, B, n, V)
         at = slice(start, start + n)
-        into.loss[..., at] = next_token_loss(logprobs, tokens[:, start + 1 : start + n + 1].expand(logits.shape[:3]))
-        into.agree[..., at] = logprobs.argmax(-1) == self.top1[:, at]
-        into.kl[..., at] = kl_full_policy(self.logprobs[:, at], logprobs)
+        lse = torch.logsumexp(logits, dim=-1)  # (P, B, n)
+        target = tokens[:, start + 1 : start + n + 1].expand(logits.shape[:3])  # (P, B, n)
+        into.loss[..., at] = lse - logits.gather(-1, target[..., None])[..., 0]
+        into.agree[..., at] = logits.argmax(-1) == self.top1[:, at]
+        p_full = self.logprobs[:, at].exp()  # (B, n, V)
+        cross = torch.einsum("pbnv,bnv->pbn", logits, p_full)  # (P, B, n) sum_v p_full z
+        into.kl[..., at] = (self.neg_entropy[:, at] - cross + lse).clamp(min=0)
 
 
 @dataclass
@@ -180,28 +189,43 @@ class RowPolicies(Policy):
                              f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
         super().__init__(min(m.states for m in members), members[0].positions)
         self.members, self.rows = list(members), rows
-
         self.needs_attention = any(m.needs_attention for m in members)
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
+        self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
+        for i, member in enumerate(self.members):
+            if self.blocks and _alike(self.blocks[-1][0], member):
+                self.blocks[-1][2] = (i + 1) * rows
+            else:
+                self.blocks.append([member, i * rows, (i + 1) * rows])
 
     def budget(self) -> torch.Tensor:
         """(R, 1, 1) each row's budget."""
         return torch.tensor([m.states for m in self.members]).repeat_interleave(self.rows)[:, None, None]
 
-    def _split(self, *tensors: torch.Tensor):
-        for i, member in enumerate(self.members):
-            yield member, [None if t is None else t[i * self.rows : (i + 1) * self.rows] for t in tensors]
-
     def update(self, score, attn):
-        return torch.cat([m.update(s, a).expand_as(s) for m, (s, a) in self._split(score, attn)])  # (R, Hkv, n)
+        out = score.clone()  # (R, Hkv, n)
+        for m, a, b in self.blocks:
+            if m.keeps_score:
+                out[a:b] = m.update(score[a:b], attn[a:b])
+        return out
 
     def priority(self, attn, pos, score):
-        parts = self._split(attn, pos, score)
-        return torch.cat([m.priority(a, p, s).float().expand(p.shape) for m, (a, p, s) in parts])  # (R, Hkv, n)
+        return torch.cat([m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]).float()
+                          .expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 
     def __repr__(self) -> str:
         return f"RowPolicies({self.members!r}, rows={self.rows})"
+
+
+def _alike(a: Policy, b: Policy) -> bool:
+    """Built-in policies of one class whose settings differ only in the budget decide alike (no built-in priority
+    or update reads `states`), so one call can serve the rows of both."""
+    if type(a) is not type(b) or type(a).__module__ != Policy.__module__:
+        return False
+    va, vb = ({k: v for k, v in vars(p).items() if k != "states"} for p in (a, b))
+    return va.keys() == vb.keys() and all(
+        torch.equal(va[k], vb[k]) if isinstance(va[k], torch.Tensor) else va[k] == vb[k] for k in va)
 
 
 # --- the engine ----------------------------------------------------------------------------------------------------
