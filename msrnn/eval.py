@@ -128,14 +128,15 @@ class Reference:
         """Write the measures of logits (P, B, n, V) at indices start..start+n-1 into `into` (P, B, T-1).
 
         With z the logits and lse = log sum exp z, log p = z - lse, so the loss is lse - z[target] and
-        KL(full || policy) = sum p_full log p_full - sum p_full z + lse (p_full sums to 1): four passes over the
-        (P, B, n, V) logits, none of them writing a tensor of that size (log_softmax would)."""
+        KL(full || policy) = sum p_full log p_full - sum p_full z + lse (p_full sums to 1): a few passes over the
+        (P, B, n, V) logits (max, exp-sum, gather, the product with p_full) instead of a log_softmax copy."""
         n = logits.shape[2]
         at = slice(start, start + n)
-        lse = torch.logsumexp(logits, dim=-1)  # (P, B, n)
+        top, argmax = logits.max(dim=-1)  # (P, B, n) each
+        lse = top + (logits - top[..., None]).exp_().sum(dim=-1).log()  # (P, B, n) log sum exp, stable
         target = tokens[:, start + 1 : start + n + 1].expand(logits.shape[:3])  # (P, B, n)
         into.loss[..., at] = lse - logits.gather(-1, target[..., None])[..., 0]
-        into.agree[..., at] = logits.argmax(-1) == self.top1[:, at]
+        into.agree[..., at] = argmax == self.top1[:, at]
         p_full = self.logprobs[:, at].exp()  # (B, n, V)
         cross = torch.einsum("pbnv,bnv->pbn", logits, p_full)  # (P, B, n) sum_v p_full z
         into.kl[..., at] = (self.neg_entropy[:, at] - cross + lse).clamp(min=0)
@@ -167,9 +168,15 @@ class Scores:
         return Scores(self.loss[index], self.agree[index], self.kl[index])
 
     def sums(self) -> dict:
-        """What a results file stores: totals, so that batches of chunks add up exactly."""
+        """What a results file stores: totals, so that batches of chunks add up exactly, and the same per chunk
+        (row), for intervals over chunks."""
+        tensors = (self.loss, self.agree, self.kl)
+        per_chunk = [t.reshape(-1, t.shape[-1]) for t in tensors]  # (chunks, N)
         return {"tokens": self.loss.numel(), "loss": float(self.loss.double().sum()),
-                "agree": int(self.agree.sum()), "kl": float(self.kl.double().sum())}
+                "agree": int(self.agree.sum()), "kl": float(self.kl.double().sum()),
+                "chunk_tokens": [per_chunk[0].shape[1]] * per_chunk[0].shape[0],
+                "chunk_loss": per_chunk[0].double().sum(-1).tolist(),
+                "chunk_agree": per_chunk[1].sum(-1).tolist(), "chunk_kl": per_chunk[2].double().sum(-1).tolist()}
 
 
 # --- many policies and budgets in one batch -----------------------------------------------------------------------
@@ -471,14 +478,15 @@ def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tupl
 
 
 def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], prefill: str, prompt: int, batch: int,
-             done: dict, record: Callable[[dict], None], bar=None) -> dict:
+             done: dict, record: Callable[[dict], None], bar=None, mine: Callable[[int], bool] = lambda b: True) -> dict:
     """Every (policy, budget) cell on every chunk of `data` (n, T), `batch` chunks at a time, all cells of a batch
     in one batch state; `done` units are skipped, and the new units of a batch are passed to `record` as soon as
-    the batch is finished (use --batch 1 to record after every chunk). Returns all units."""
+    the batch is finished (use --batch 1 to record after every chunk). Only batches b with mine(b) are run (one
+    process's share of a distributed run). Returns all units."""
     done = dict(done)
     for b, b0 in enumerate(range(0, len(data), batch)):
         cells = _todo(names, budgets, b, done)
-        if not cells:
+        if not cells or not mine(b):
             continue
         tokens = data[b0 : b0 + batch]
         results = score(model, tokens, [make_policy(p, k) for p, k in cells], prefill, prompt,
@@ -490,26 +498,43 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
     return done
 
 
-def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done) -> int:
+def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=lambda b: True) -> int:
     """Recurrent steps the remaining batches need (the progress bar's total)."""
     n, T = data_shape
     starts = [[prefix_length(k, prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
-              for b in range(math.ceil(n / batch))]
+              for b in range(math.ceil(n / batch)) if mine(b)]
     return sum(group_steps(T, min(s)) for s in starts if s)
 
 
 def summarize(units: dict, names: list[str], budgets: list[int], batches: int) -> list[dict]:
-    """Cells from units: sums over the batches of chunks -> ppl, top-1 agreement, mean KL."""
+    """Cells from units: sums over the batches of chunks -> ppl, top-1 agreement, mean KL, and a bootstrap 95 %
+    interval of the PPL over chunks (`ppl_low`, `ppl_high`; None from results files written before per-chunk sums)."""
     cells = []
     for name in names:
         for k in [None] if name == "full" else budgets:
             parts = [units[(name, k, b)] for b in range(batches)]
             tokens = sum(u["tokens"] for u in parts)
             loss = sum(u["loss"] for u in parts) / tokens
+            low = high = None
+            if all("chunk_loss" in u for u in parts):
+                low, high = bootstrap_ppl([x for u in parts for x in u["chunk_loss"]],
+                                          [x for u in parts for x in u["chunk_tokens"]])
             cells.append({"policy": name, "states": k, "tokens": tokens, "loss": loss, "ppl": math.exp(loss),
-                          "top1_agreement": sum(u["agree"] for u in parts) / tokens,
+                          "ppl_low": low, "ppl_high": high, "top1_agreement": sum(u["agree"] for u in parts) / tokens,
                           "kl": sum(u["kl"] for u in parts) / tokens})
     return cells
+
+
+def bootstrap_ppl(chunk_loss: Sequence[float], chunk_tokens: Sequence[int], draws: int = 2000,
+                  seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of PPL = exp(sum loss / sum tokens) over chunks: draw as many chunks as
+    there are, with replacement, `draws` times (seeded: the same numbers every run). Chunks, not tokens, are the
+    unit: tokens of one chunk share its text and are far from independent."""
+    loss = torch.tensor(chunk_loss, dtype=torch.float64)
+    tokens = torch.tensor(chunk_tokens, dtype=torch.float64)
+    pick = torch.randint(0, len(loss), (draws, len(loss)), generator=torch.Generator().manual_seed(seed))
+    ppl = (loss[pick].sum(-1) / tokens[pick].sum(-1)).exp()
+    return float(ppl.quantile(0.025)), float(ppl.quantile(0.975))
 
 
 def _cell(cells: list[dict], name: str, k: int | None) -> dict:
@@ -527,6 +552,10 @@ def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], tit
             (fmt.format(_cell(cells, name, k)[key]) if fmt else f"{100 * _cell(cells, name, k)[key]:.1f}")
             for k in budgets) + " |" for name in names]
         blocks.append(f"## {label}\n\n{head}\n" + "\n".join(rows))
+    if all(c.get("ppl_low") is not None for c in cells):
+        rows = [f"| {name} | " + " | ".join(
+            "{ppl_low:.2f}–{ppl_high:.2f}".format(**_cell(cells, name, k)) for k in budgets) + " |" for name in names]
+        blocks.insert(2, "## Perplexity: bootstrap 95 % interval over chunks\n\n" + head + "\n" + "\n".join(rows))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -538,20 +567,29 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Path, title: str) -> None:
-    """PNG: PPL vs states per layer (log-2 x axis), one line per policy, `full` as a horizontal reference."""
+    """PNG: PPL vs states per layer (log-2 x axis), one line per policy (shaded: its bootstrap 95 % interval over
+    chunks), `full` as a horizontal reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
         if name == "full":
             ax.axhline(_cell(cells, name, None)["ppl"], color="black", ls="--", label="full (unbounded)")
-        else:
-            ax.plot(budgets, [_cell(cells, name, k)["ppl"] for k in budgets], "o-", label=name)
+            continue
+        row = [_cell(cells, name, k) for k in budgets]
+        (line,) = ax.plot(budgets, [c["ppl"] for c in row], "o-", label=name)
+        if all(c.get("ppl_low") is not None for c in row):  # the bootstrap interval over chunks, shaded
+            ax.fill_between(budgets, [c["ppl_low"] for c in row], [c["ppl_high"] for c in row],
+                            color=line.get_color(), alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers (30, 40), not 3x10^1
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(budgets, [str(k) for k in budgets])
     ax.set(xlabel="states per layer (k)", ylabel="perplexity (log scale)", title=title)
     ax.legend(fontsize=8)
@@ -560,10 +598,11 @@ def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Pat
     plt.close(fig)
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, disable: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
+                disable=disable)
 
 
 def load_model_and_tokenizer(source, dtype):
@@ -575,6 +614,8 @@ def load_model_and_tokenizer(source, dtype):
 
 def run_ppl(args) -> None:
     names, budgets = _parse_grid(args.policies, args.states)
+    if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
+        names = ["full", *names]
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch}: give a positive number of chunks per batch.")
     if args.threads:
@@ -591,21 +632,34 @@ def run_ppl(args) -> None:
                 "chunks": index, "prefill": args.prefill, "prompt": prompt, "batch": batch}
     out = Path(args.out or f"out/eval-{text_path.stem}")
     results = out / RESULTS
-    done = _load_results(results, settings, args.resume)
-    total = grid_steps(data.shape, names, budgets, args.prefill, prompt, batch, done)
-    print(f"msrnn eval: {len(data)} chunks x {args.context} tokens of {text_path.name} (chunks {index} of "
-          f"{len(ids) // args.context}; {len(ids)} tokens), {args.prefill} prefill, prompt {prompt}, batch {batch}; "
-          f"{sum(1 for u in done if u[0] in names)} units already done", file=sys.stderr)
+    rank, world = _distributed()
+    if rank == 0:
+        done = _load_results(results, settings, args.resume)
+    _barrier(world)
+    if rank:  # the file rank 0 has just started or checked
+        done = _load_results(results, settings, resume=True)
+    mine = lambda b: b % world == rank  # noqa: E731: batches are dealt out round-robin
+    total = grid_steps(data.shape, names, budgets, args.prefill, prompt, batch, done, mine)
+    if rank == 0:
+        print(f"msrnn eval: {len(data)} chunks x {args.context} tokens of {text_path.name} (chunks {index} of "
+              f"{len(ids) // args.context}; {len(ids)} tokens), {args.prefill} prefill, prompt {prompt}, batch {batch}; "
+              f"{sum(1 for u in done if u[0] in names)} units already done"
+              + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
     t0 = time.perf_counter()
-    with _progress(total, "eval ppl") as bar:
+    with _progress(total, "eval ppl" if world == 1 else f"eval ppl [{rank}]", disable=rank > 0) as bar:
         try:
             units = run_grid(model, data, names, budgets, args.prefill, prompt, batch, done,
-                             lambda unit: _record(results, unit), bar)
+                             lambda unit: _record(results, unit), bar, mine)
         except KeyboardInterrupt:
             bar.close()
             print(f"msrnn: interrupted; finished cells are kept in {results}: rerun with --resume to continue.",
                   file=sys.stderr)
             raise
+    _barrier(world)
+    if rank:
+        return
+    if world > 1:  # every process appended its units to the one results file
+        units = _load_results(results, settings, resume=True)
     cells = summarize(units, names, budgets, math.ceil(len(data) / batch))
     title = (f"{text_path.name}: {len(data)} x {args.context} tokens, {args.prefill} prefill"
              + (f", scored after a {prompt}-token prompt" if prompt else ""))
@@ -617,6 +671,29 @@ def run_ppl(args) -> None:
     plot_grid(cells, names, budgets, out / "ppl.png", title)
     print(table)
     print(f"wrote {out}/table.md, table.csv, results.json, ppl.png ({results} holds the raw units)")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) alone; under torchrun (WORLD_SIZE > 1) a gloo process group is started. Only
+    barriers cross it (gloo does those whatever device the model runs on): the units travel through the one
+    results file, to which every process appends each finished unit as one line in one write."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 # --- msrnn eval stream: one long text, bounded memory --------------------------------------------------------------

@@ -7,8 +7,10 @@ token adds its own pair, attends over all n+1 pairs, and the policy then keeps a
 state grows forever and the recurrence computes exactly the causal transformer; `model(tokens)` is that same function
 evaluated for all positions at once and serves as the reference.
 
-Every entry point runs one loop, `_advance`, over T new tokens per row: T = 1 is the recurrence (`step`), T > 1 a
-parallel (chunked) prefill. Shapes: B batch rows, T new tokens, d hidden size, H query heads, Hkv kv heads,
+Every entry point runs one loop, `_advance`, over T new tokens per row, layer-major: each layer takes all T tokens
+before the next one starts. T = 1 is the recurrence (`step`); T > 1 a chunk of a prefill, parallel where no
+eviction can happen and otherwise `scan`: the same recurrence, with only attention and eviction stepped token by
+token (weights are then read once per chunk, not once per token). Shapes: B batch rows, T new tokens, d hidden size, H query heads, Hkv kv heads,
 G = H / Hkv query heads per kv head, hd head dim, S states held by a layer after adding the new ones (n + T).
 """
 from __future__ import annotations
@@ -134,14 +136,14 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
     entering = true_pos[:, :, start:]  # (B, Hkv, T) the new tokens, in order
     pos[:, :, start:] = EMPTY
     qpos = entering[:, 0]  # (B, T)
-    too_old = None
+    too_old = None  # step-major buffers below ((T, ...) first): what step t reads is contiguous
     if window is not None:  # Mistral: a state further back than the window is invisible (not evicted)
-        too_old = (qpos[:, None, :, None] - true_pos[:, :, None, :]) >= window  # (B, Hkv, T, S)
+        too_old = (qpos.T[:, :, None, None] - true_pos[None]) >= window  # (T, B, Hkv, S)
     scores = None
     if scheme == "absolute":  # keys do not move: all T queries against all S slots at once
         scores = (q.reshape(B, Hkv, G * T, hd) @ layer_state.keys[:, :, :S].transpose(-1, -2)).view(B, Hkv, G, T, S)
-        scores = scores * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, S)
-    probs = torch.empty(B, Hkv, G, T, S)  # (B, Hkv, G, T, S) fp32
+        scores = (scores * (1.0 / math.sqrt(hd))).permute(3, 0, 1, 2, 4).contiguous()  # (T, B, Hkv, G, S)
+    probs = torch.empty(T, B, Hkv, G, S)  # fp32
     needs_attn = policy.needs_attention or policy.keeps_score
     budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
     for t in range(T):
@@ -153,9 +155,9 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
             qt = rotate(q[:, :, :, t], c[:, :, None, start + t], s[:, :, None, start + t])  # (B, Hkv, G, hd)
             row = (qt @ rotate(layer_state.keys[:, :, :S], c, s).transpose(-1, -2)) * (1.0 / math.sqrt(hd))
         else:
-            row = scores[:, :, :, t]  # (B, Hkv, G, S)
-        mask = hidden if too_old is None else hidden | too_old[:, :, t]
-        probs[:, :, :, t] = p = F.softmax(row.masked_fill(mask[:, :, None], torch.finfo(row.dtype).min), dim=-1,
+            row = scores[t]  # (B, Hkv, G, S)
+        mask = hidden if too_old is None else hidden | too_old[t]
+        probs[t] = p = F.softmax(row.masked_fill(mask[:, :, None], torch.finfo(row.dtype).min), dim=-1,
                                           dtype=torch.float32)  # (B, Hkv, G, S)
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         score = layer_state.score[:, :, :S]
@@ -168,7 +170,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
             layer_state.drop_lowest(prio, budget, hidden)
         if layer_state.trace is not None:
             layer_state.trace(qpos[:, t], pos)
-    return probs
+    return probs.permute(1, 2, 3, 0, 4)  # (B, Hkv, G, T, S)
 
 
 def attention_probs(q, keys, qpos, kpos, window, all_visible=False):

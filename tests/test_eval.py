@@ -3,6 +3,7 @@ empty state, whatever the shortcuts (shared prefix, full reference, many policie
 `msrnn eval ppl|stream` commands on a tiny checkpoint with a tiny word-level tokenizer (the real loading path)."""
 import csv
 import json
+import os
 import random
 
 import pytest
@@ -181,6 +182,23 @@ def test_interrupted_run_resumes_to_the_same_table(checkpoint, text_file, tmp_pa
         main(ppl_args(checkpoint, text_file, tmp_path / "cut", "--resume", "--prefill", "fast"))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "msrnn: error: --resume" in err and "prefill 'fast' (was 'exact')" in err
+
+
+def test_two_torchrun_processes_give_the_table_of_one(checkpoint, text_file, tmp_path):
+    """`torchrun --nproc_per_node 2 -m msrnn eval ppl ...` deals the batches out to two CPU processes (gloo) and
+    writes the same table as one process: the same units, summed in the same order."""
+    import subprocess
+    import sys
+
+    assert main(ppl_args(checkpoint, text_file, tmp_path / "one")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "msrnn", *ppl_args(checkpoint, text_file, tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    units = [json.loads(line) for line in (tmp_path / "two" / "results.jsonl").read_text().splitlines()[1:]]
+    assert sorted(u["batch"] for u in units) == [0] * 13 + [1] * 13  # 3 chunks in batches of 2: one per process
+    assert (tmp_path / "two" / "table.md").read_text() == (tmp_path / "one" / "table.md").read_text()
 
 
 def test_eval_stream_reports_ppl_and_rss_per_window(checkpoint, text_file, tmp_path, capsys):
