@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .eval import current_rss_mib, peak_rss_mib
+from .report import current_rss_mib, peak_rss_mib, pyplot
 from .policies import make_policy
 
 
@@ -273,10 +273,7 @@ def report(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(list(res["msrnn_full_ms"]), list(res["msrnn_full_ms"].values()), "o-", label="msrnn full")
@@ -305,18 +302,12 @@ def _ints(text: str) -> tuple[int, ...]:
         raise InputError(f"expected comma-separated integers, got {text!r}.") from None
 
 
-def main(args) -> int:
+def run(args) -> int:
+    """`msrnn bench` (it loads the model itself: transformers needs the same source)."""
+    from .gguf import bundled_gguf_path
     from .weights import load_model, parse_dtype, resolve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    source = None
-    if args.model is None:
-        from .gguf import bundled_gguf_path
-
-        source = bundled_gguf_path()
-    else:
-        source = resolve(args.model)
+    source = bundled_gguf_path() if args.model is None else resolve(args.model)
     model = load_model(source, dtype=parse_dtype(args.dtype))
     res = run_bench(model, source, policy_name=args.policy, states=args.states, positions=_ints(args.positions),
                     bounded_positions=_ints(args.bounded_positions), steps=args.steps,
@@ -332,28 +323,3 @@ def main(args) -> int:
     plot(res, out / "bench.png")
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench", help="decode/prefill speed, throughput under a KV budget and memory, vs transformers",
-        description=__doc__.split("\n\n")[0] + " Example: msrnn bench --compare transformers --out docs/results/bench",
-    )
-    p.add_argument("--model", default=None, help="checkpoint directory, hub id or .gguf (default: bundled SmolLM2)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--compare", default="transformers", choices=["transformers", "none"],
-                   help="also time transformers in the same process (default)")
-    p.add_argument("--policy", default="tova", help="bounded policy to time (default tova)")
-    p.add_argument("--states", type=int, default=256, help="its budget (default 256)")
-    p.add_argument("--positions", default="16,512,2000", help="stream positions for the unbounded decode timings")
-    p.add_argument("--bounded-positions", default="2000,8000,20000", help="stream positions for the bounded timings")
-    p.add_argument("--steps", type=int, default=16, help="decode steps per timing (median of 3 repeats)")
-    p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--budget-context", type=int, default=2048, help="the full cache whose KV memory is the budget")
-    p.add_argument("--budget-states", default="256,512,1024,2048", help="state sizes for the throughput table")
-    p.add_argument("--stream-tokens", type=int, default=70000,
-                   help="resident memory along a bounded stream this long (0: skip)")
-    p.add_argument("--stream-states", type=int, default=512, help="the stream's budget (default 512)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
-    p.set_defaults(func=main)

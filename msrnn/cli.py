@@ -1,26 +1,70 @@
-"""The `msrnn` command: one argparse parser, each feature module registering its own subcommands.
+"""The `msrnn` command: every argparse line of every subcommand lives here; each subcommand calls one function of
+its feature module with the parsed arguments (and, where it needs one, a `load()` that returns (model, tokenizer)).
 
     msrnn generate --chat "What is the capital of France?" --policy tova --states 64
-    msrnn chat | msrnn info | msrnn eval | msrnn bench | msrnn inspect      (each has its own --help)
+    msrnn chat | info | eval ppl | eval stream | inspect | bench              (each has its own --help)
 
-A module takes part by exposing `add_cli(subparsers)`, which adds its subparser(s) and sets `func` to the function
-that runs them. Modules are imported here, lazily, and one that does not exist (yet) is simply skipped.
-Errors msrnn raises on purpose (MsrnnError) end as one line, "msrnn: error: ...", and exit code 2, like argparse's
-own usage errors; anything else is a bug and keeps its traceback.
+Options that mean the same thing everywhere are declared once: the model (--model --dtype --threads --device), the
+policy (--policy --states --positions, and --prefill where a prompt is read). Errors msrnn raises on purpose
+(MsrnnError) end as one line, "msrnn: error: ...", and exit code 2, like argparse's own usage errors; anything else
+is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from . import __version__
-from .errors import MsrnnError
+from .errors import InputError, MsrnnError
+from .policies import FULL, POLICIES, POSITION_SCHEMES
 
-COMMAND_MODULES = ("generate", "eval", "bench", "inspect")
+PREFILL_MODES = ("exact", "fast")
+BUNDLED = "the bundled SmolLM2-135M-Instruct GGUF"
+POLICY_FORMS = (f"{FULL}, {', '.join(POLICIES)}; settings in parentheses (\"tova-decay(gamma=0.8)\"); or your own class "
+                "as path/to/file.py:ClassName (the file is run, as an import would)")
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the descriptions' line breaks."""
+
+
+# --- options shared by several commands --------------------------------------------------------------------------
+def model_options(p, dtype: bool = True) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help=f"checkpoint directory, .gguf file or hub id (default: {BUNDLED})")
+    if dtype:
+        p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and state dtype")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: the machine's physical cores)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
+
+
+def policy_options(p, policy: str | None, states: int | None, note: str = "", prefill: bool = True) -> None:
+    p.add_argument("--policy", default=policy, help=f"which states to keep: {POLICY_FORMS}{note}")
+    p.add_argument("--states", type=int, default=states, metavar="K", help="the policy's budget: states per layer")
+    p.add_argument("--positions", default=None, choices=POSITION_SCHEMES,
+                   help="position scheme of the kept states (default: the policy's own, absolute)")
+    if prefill:
+        p.add_argument("--prefill", default="exact", choices=PREFILL_MODES,
+                       help="exact: the prompt runs as the recurrence (evicting per token, layer-major); fast: one "
+                            "parallel pass, then one eviction")
+
+
+def sampling_options(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N", help="stop after N tokens")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample within the top probability mass P (nucleus)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+
+
+def text_options(p, out: str) -> None:
+    p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
+    p.add_argument("--out", default=out, metavar="DIR", help="output folder")
+
+
+# --- the commands ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msrnn", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -29,29 +73,202 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example:\n  msrnn generate --chat "What is the capital of France?" --policy tova --states 64\n'
                "run `msrnn COMMAND --help` for each command's options.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        module = _optional_module(f"msrnn.{name}")
-        if module is not None and hasattr(module, "add_cli"):
-            module.add_cli(subparsers)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "generate", formatter_class=Formatter, help="continue a prompt, streaming the text",
+        description="Continue a prompt with the model run as a (bounded) multi-state RNN, streaming the text to "
+                    "stdout. Greedy by default (reproducible); --temperature > 0 samples.",
+        epilog='example:\n  msrnn generate --chat "What is the capital of France?" --policy tova --states 64\n'
+               '  msrnn generate "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 0 --max-new-tokens 200')
+    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
+    model_options(p)
+    policy_options(p, None, None, " (default: none, the unbounded transformer)")
+    sampling_options(p, max_new_tokens=128)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--verbose", "-v", action="store_true", help="report tokens/s and the state size on stderr")
+    p.set_defaults(run="generate:run_generate")
+
+    from .chat import CHAT_DEFAULT_POLICY, CHAT_DEFAULT_STATES
+
+    p = sub.add_parser(
+        "chat", formatter_class=Formatter, help="talk with a chat model; one bounded state for the whole conversation",
+        description="A chat REPL: type a message, get the answer; /quit or end of input (Ctrl-D) ends it. The whole "
+                    "conversation lives in ONE bounded multi-state: each turn feeds only its new tokens, and the "
+                    "policy keeps at most --states per layer, so the chat can run past the model's context length in "
+                    "constant memory. --policy full is the unbounded transformer.",
+        epilog='example:\n  msrnn chat --policy tova --states 256 --system "Answer in one sentence." --verbose')
+    model_options(p)
+    policy_options(p, None, None, f" (default: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states)")
+    sampling_options(p, max_new_tokens=256)
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the state size after each answer (stderr)")
+    p.set_defaults(run="chat:run_chat")
+
+    p = sub.add_parser(
+        "info", formatter_class=Formatter, help="a model's config, size and state memory per budget",
+        description="Print a checkpoint's config, parameter count and dtype, and what its multi-state costs: bytes "
+                    "per remembered token, for budgets of 64..2048 states, and at the full context length.",
+        epilog="example:\n  msrnn info\n  msrnn info --model path/to/checkpoint --dtype bf16")
+    model_options(p)
+    p.set_defaults(run="info:run_info")
+
+    add_eval(sub)
+
+    p = sub.add_parser(
+        "inspect", formatter_class=Formatter, help="which tokens a policy keeps, and for how long (HTML, PNG, table)",
+        description="Run a text through the model as a bounded multi-state RNN and record, for every token and\n"
+                    "layer, how many steps it stayed in the state. Writes into --out:\n"
+                    "  retention.html          the text, each token shaded by how long it was kept\n"
+                    "  retention.png           heatmap of steps kept, layers x tokens\n"
+                    "  retention_by_kind.md    mean retention of the first token, punctuation, newlines, 's,\n"
+                    "  retention_by_kind.csv   closing quotes, proper nouns and other tokens\n"
+                    "  tokens.csv              one row per token",
+        epilog="example:\n  msrnn inspect --text ../shared/data/frankenstein.txt --policy tova --states 64 "
+               "--tokens 1024 --out out/inspect")
+    text_options(p, "out/inspect")
+    model_options(p)
+    policy_options(p, "tova", 64, prefill=False)
+    p.add_argument("--layer", type=int, metavar="L", help="shade by layer L only (default: mean over layers)")
+    p.add_argument("--tokens", type=int, default=512, metavar="N", help="use the first N tokens")
+    p.set_defaults(run="inspect:run_inspect")
+
+    p = sub.add_parser(
+        "bench", formatter_class=Formatter,
+        help="decode/prefill speed, throughput under a KV budget and memory, vs transformers",
+        description="Speed and memory of msrnn next to transformers in the same process, with the machine's\n"
+                    "weight-reading floor timed in turn. Example: msrnn bench --compare transformers --out "
+                    "docs/results/bench")
+    model_options(p)
+    p.add_argument("--compare", default="transformers", choices=["transformers", "none"],
+                   help="also time transformers in the same process")
+    p.add_argument("--policy", default="tova", help=f"bounded policy to time: {POLICY_FORMS}")
+    p.add_argument("--states", type=int, default=256, help="its budget")
+    p.add_argument("--positions", default="16,512,2000", help="stream positions for the unbounded decode timings")
+    p.add_argument("--bounded-positions", default="2000,8000,20000", help="stream positions for the bounded timings")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timing (median of the rounds)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill timing")
+    p.add_argument("--budget-context", type=int, default=2048, help="the full cache whose KV memory is the budget")
+    p.add_argument("--budget-states", default="256,512,1024,2048", help="state sizes for the throughput table")
+    p.add_argument("--stream-tokens", type=int, default=70000,
+                   help="resident memory along a bounded stream this long (0: skip)")
+    p.add_argument("--stream-states", type=int, default=512, help="the stream's budget")
+    p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
+    p.set_defaults(run="bench:run", loads_itself=True)
     return parser
 
 
-def _optional_module(name: str):
+def add_eval(sub) -> None:
+    from .eval import DEFAULT_BATCH, DEFAULT_POLICIES
+
+    p = sub.add_parser("eval", help="perplexity of bounded policies (the paper's Table 3) and long streams",
+                       description="The paper's language-modelling experiments. See `msrnn eval ppl --help` "
+                                   "and `msrnn eval stream --help`.")
+    ev = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
+    q = ev.add_parser(
+        "ppl", formatter_class=Formatter, help="PPL of policies x budgets on chunks of a text (Table 3)",
+        description="Cut a text into chunks of --context tokens, run each chunk from an empty state with every\n"
+                    "policy and budget, and report perplexity (with a bootstrap 95 % interval over chunks), top-1\n"
+                    "agreement with the full model and KL(full || policy) per token. Writes into --out: table.md\n"
+                    "(the paper's Table 3 layout), table.csv, results.json, ppl.png, and results.jsonl (each\n"
+                    "finished unit as it completes: interrupt freely, then --resume).\n\n"
+                    "--prefill exact: the recurrence, every next token scored (the paper).\n"
+                    "--prefill fast: the first --prompt tokens (default context/2) in one parallel pass, compressed\n"
+                    "once, then the recurrence; only tokens after the prompt are scored. Compare with an exact run\n"
+                    "given the same --prompt.\n\n"
+                    "Bigger grids: `torchrun --nproc_per_node N -m msrnn eval ppl ...` deals the batches of chunks\n"
+                    "out to N processes (on one machine or several) and writes the same table.",
+        epilog="example:\n  msrnn eval ppl --text ../shared/data/pride-and-prejudice.txt --context 2048 --chunks 2 "
+               "--out out/eval-pp")
+    text_options(q, "out/eval-<text name>")
+    model_options(q)
+    q.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help=f"comma-separated policies: {POLICY_FORMS}; full is always measured")
+    q.add_argument("--states", default="64,128,256,512", help="comma-separated budgets k")
+    q.add_argument("--positions", default=None, choices=POSITION_SCHEMES, help="position scheme of every policy")
+    q.add_argument("--context", type=int, default=2048, metavar="T", help="tokens per chunk")
+    q.add_argument("--chunks", type=int, default=2, metavar="N",
+                   help="evaluate N chunks spread evenly over the text (0 = every full chunk)")
+    q.add_argument("--prefill", default="exact", choices=PREFILL_MODES, help="see above")
+    q.add_argument("--prompt", type=int, default=None, metavar="P",
+                   help="score only after the first P tokens of each chunk (default 0 exact, context/2 fast)")
+    q.add_argument("--batch", type=int, default=DEFAULT_BATCH, metavar="N",
+                   help="chunks run together in one batch state; results are saved after each batch")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
+    q.set_defaults(run="eval:run_ppl")
+
+    s = ev.add_parser(
+        "stream", formatter_class=Formatter, help="PPL and memory along one long stream, past the trained context",
+        description="Feed ONE long stream (batch 1) through the bounded recurrence and report PPL per window,\n"
+                    "peak and current RSS and state size, next to the full model on the first --full-tokens tokens\n"
+                    "(its trained context by default). The text is repeated if it is shorter than --tokens (the\n"
+                    "output says so). Writes stream.md, stream.csv, stream.json and stream.png into --out.",
+        epilog="example:\n  msrnn eval stream --text ../shared/data/pride-and-prejudice.txt --policy tova --states 512 "
+               "--tokens 70000")
+    text_options(s, "out/stream-<text name>")
+    model_options(s)
+    policy_options(s, "tova", 512, prefill=False)
+    s.add_argument("--tokens", type=int, default=70000, metavar="N", help="stream length")
+    s.add_argument("--window", type=int, default=1000, metavar="W", help="tokens per reported window")
+    s.add_argument("--full-tokens", type=int, default=None, metavar="N",
+                   help="run the full model on the first N tokens (default min(max_position_embeddings, --tokens))")
+    s.set_defaults(run="stream:run_stream")
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+def physical_cores() -> int:
+    """Cores, not hyper-threads (torch's matrix products gain nothing from a core's second thread)."""
     try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:  # the module itself is absent; a missing dependency inside it is a real error
-            return None
-        raise
+        cores = {line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("core id")}
+        sockets = {line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("physical id")}
+        if cores:
+            return max(1, len(cores) * max(1, len(sockets)))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def configure(args) -> None:
+    """--threads and --device, checked before anything is loaded."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and (threads < 1 or threads > 4096):
+        raise InputError(f"--threads {threads}: give a positive number of threads (this machine has "
+                         f"{os.cpu_count()} logical cores).")
+    torch.set_num_threads(threads or physical_cores())
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device here (a CPU build of torch, or no GPU); "
+                         "use --device cpu.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps: no Apple GPU is available here; use --device cpu.")
+
+
+def load_model_and_tokenizer(args):
+    """(model, tokenizer) from --model/--dtype, on --device: the one place the commands load a checkpoint."""
+    from .weights import load
+
+    if sys.stderr.isatty():
+        print(f"msrnn: loading {args.model or BUNDLED}...", file=sys.stderr, flush=True)
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    return model.to(args.device), tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `msrnn ARGS`; returns 0, or exits with code 2 (after one line on stderr) on a usage or msrnn error."""
+    import importlib
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    module, function = args.run.split(":")
+    run = getattr(importlib.import_module(f"msrnn.{module}"), function)
     try:
-        args.func(args)
+        configure(args)
+        if getattr(args, "loads_itself", False):
+            run(args)
+        else:
+            run(args, lambda: load_model_and_tokenizer(args))
     except MsrnnError as e:
         parser.exit(2, f"msrnn: error: {e}\n")
     except KeyboardInterrupt:

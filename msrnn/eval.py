@@ -54,9 +54,7 @@ Why it is fast (every shortcut computes the same function, up to the order of fl
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
 import hashlib
 import json
 import math
@@ -69,8 +67,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .batch import RowPolicies
 from .errors import InputError
-from .policies import INF, POLICIES, Policy, make_policy, parse_spec, policy_class
+from .policies import POLICIES, Policy, make_policy, parse_spec, policy_class
+from .report import progress, pyplot, read_text, write_csv
 from .state import State
 
 PREFILL_MODES = ("exact", "fast")
@@ -179,62 +179,6 @@ class Scores:
                 "chunk_agree": per_chunk[1].sum(-1).tolist(), "chunk_kl": per_chunk[2].double().sum(-1).tolist()}
 
 
-# --- many policies and budgets in one batch -----------------------------------------------------------------------
-class RowPolicies(Policy):
-    """Several policies, each with its own budget, each owning a block of `rows` consecutive batch rows, so that one
-    `model.step` advances all of them (rows member-major: member i owns rows [i*rows, (i+1)*rows)).
-
-    The model asks a policy for one priority per row and kv head; this one asks each member about its own rows and
-    stacks the answers. `budget()` gives each row its own k; the model asks for priorities as soon as any row may
-    have to evict (`min_budget()`), and a row under its budget keeps everything."""
-
-    name = "rows"
-
-    def __init__(self, members: Sequence[Policy], rows: int):
-        if len({m.positions for m in members}) != 1:
-            raise InputError("RowPolicies needs members with one position scheme; got "
-                             f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
-        super().__init__(min(m.states for m in members), members[0].positions)
-        self.members, self.rows = list(members), rows
-        self.needs_attention = any(m.needs_attention for m in members)
-        self.keeps_score = any(m.keeps_score for m in members)
-        self.layer_local = all(m.layer_local for m in members)
-        self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
-        for i, member in enumerate(self.members):
-            if self.blocks and _alike(self.blocks[-1][0], member):
-                self.blocks[-1][2] = (i + 1) * rows
-            else:
-                self.blocks.append([member, i * rows, (i + 1) * rows])
-
-    def budget(self) -> torch.Tensor:
-        """(R, 1, 1) each row's budget."""
-        return torch.tensor([m.states for m in self.members]).repeat_interleave(self.rows)[:, None, None]
-
-    def update(self, score, attn):
-        out = score.clone()  # (R, Hkv, n)
-        for m, a, b in self.blocks:
-            if m.keeps_score:
-                out[a:b] = m.update(score[a:b], attn[a:b])
-        return out
-
-    def priority(self, attn, pos, score):
-        return torch.cat([m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]).float()
-                          .expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
-
-    def __repr__(self) -> str:
-        return f"RowPolicies({self.members!r}, rows={self.rows})"
-
-
-def _alike(a: Policy, b: Policy) -> bool:
-    """Built-in policies of one class whose settings differ only in the budget decide alike (no built-in priority
-    or update reads `states`), so one call can serve the rows of both."""
-    if type(a) is not type(b) or type(a).__module__ != Policy.__module__:
-        return False
-    va, vb = ({k: v for k, v in vars(p).items() if k != "states"} for p in (a, b))
-    return va.keys() == vb.keys() and all(
-        torch.equal(va[k], vb[k]) if isinstance(va[k], torch.Tensor) else va[k] == vb[k] for k in va)
-
-
 # --- the engine ----------------------------------------------------------------------------------------------------
 def _as_batch(tokens) -> torch.Tensor:
     tokens = torch.as_tensor(tokens)
@@ -272,14 +216,10 @@ def group_steps(T: int, L: int) -> int:
     return 0 if L >= T - 1 else T - L
 
 
-def _keeps_score(policy: Policy) -> bool:
-    return type(policy).update is not Policy.update  # the same test the model uses
-
-
 def _score_kind(policy: Policy):
     """Members whose running scores evolve alike over an unevicting prefix (same class and settings but the budget)
     share one prefill; None for members that keep no score."""
-    if not _keeps_score(policy):
+    if not policy.keeps_score:
         return None
     settings = {k: v for k, v in vars(policy).items() if k != "states" and not isinstance(v, torch.Tensor)}  # no caches
     key = (type(policy), tuple(sorted(settings.items())))
@@ -388,16 +328,6 @@ def perplexity(model, tokens, policy: Policy | None = None, prefill: str = "exac
 
 
 # --- text -> chunks ------------------------------------------------------------------------------------------------
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--text {path}: no such file; give a UTF-8 text file.")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"--text {path} is not UTF-8 ({e}); convert it first (iconv -t utf-8).") from None
-
-
 def pick_chunks(ids: Sequence[int], context: int, chunks: int) -> tuple[torch.Tensor, list[int]]:
     """Cut the token stream into consecutive chunks of `context` tokens (a partial last one is dropped) and take
     `chunks` of them spread evenly over the text (0 = all): chunk i of n is the middle one of the i-th n-th of the
@@ -453,7 +383,7 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-def _parse_grid(policies: str, states: str) -> tuple[list[str], list[int]]:
+def _parse_grid(policies: str, states: str, positions: str | None = None) -> tuple[list[str], list[int]]:
     names = [p.strip() for p in re.split(r",(?![^(]*\))", policies) if p.strip()]  # commas outside (...)
     if not names:
         raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
@@ -467,8 +397,12 @@ def _parse_grid(policies: str, states: str) -> tuple[list[str], list[int]]:
         raise InputError("--states: give at least one budget, e.g. 64,128,256,512.")
     for name in names:  # every policy accepts every budget (clear error now, not after an hour)
         for k in budgets:
-            make_policy(name, k)
+            make_policy(name, k, **_positions(positions))
     return list(dict.fromkeys(names)), budgets
+
+
+def _positions(positions: str | None) -> dict:
+    return {} if positions is None else {"positions": positions}
 
 
 def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tuple[str, int | None]]:
@@ -478,7 +412,8 @@ def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tupl
 
 
 def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], prefill: str, prompt: int, batch: int,
-             done: dict, record: Callable[[dict], None], bar=None, mine: Callable[[int], bool] = lambda b: True) -> dict:
+             done: dict, record: Callable[[dict], None], bar=None, mine: Callable[[int], bool] = lambda b: True,
+             positions: str | None = None) -> dict:
     """Every (policy, budget) cell on every chunk of `data` (n, T), `batch` chunks at a time, all cells of a batch
     in one batch state; `done` units are skipped, and the new units of a batch are passed to `record` as soon as
     the batch is finished (use --batch 1 to record after every chunk). Only batches b with mine(b) are run (one
@@ -489,7 +424,7 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
         if not cells or not mine(b):
             continue
         tokens = data[b0 : b0 + batch]
-        results = score(model, tokens, [make_policy(p, k) for p, k in cells], prefill, prompt,
+        results = score(model, tokens, [make_policy(p, k, **_positions(positions)) for p, k in cells], prefill, prompt,
                         Reference.compute(model, tokens), bar.update if bar is not None else None)
         for (name, k), s in zip(cells, results):
             unit = {"policy": name, "states": k, "batch": b, **s.sums()}
@@ -559,23 +494,12 @@ def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], tit
     return "\n\n".join(blocks) + "\n"
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Path, title: str) -> None:
     """PNG: PPL vs states per layer (log-2 x axis), one line per policy (shaded: its bootstrap 95 % interval over
     chunks), `full` as a horizontal reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
         if name == "full":
@@ -598,38 +522,24 @@ def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Pat
     plt.close(fig)
 
 
-def _progress(total: int, desc: str, disable: bool = False):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
-                disable=disable)
-
-
-def load_model_and_tokenizer(source, dtype):
-    """(model, tokenizer) for the commands; one seam to swap in tests."""
-    from .weights import load
-
-    return load(source, dtype=dtype)
-
-
-def run_ppl(args) -> None:
-    names, budgets = _parse_grid(args.policies, args.states)
+def run_ppl(args, load) -> None:
+    """`msrnn eval ppl`: the grid of args.policies x args.states; `load()` gives (model, tokenizer)."""
+    names, budgets = _parse_grid(args.policies, args.states, args.positions)
     if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
         names = ["full", *names]
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch}: give a positive number of chunks per batch.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     text_path = Path(args.text)
     text = read_text(text_path)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    model, tokenizer = load()
     ids = tokenizer.encode(text)
     data, index = pick_chunks(ids, args.context, args.chunks)
     prompt = _check_run(args.prefill, args.prompt, args.context)
     batch = min(args.batch or DEFAULT_BATCH, len(data))
     settings = {"model": model.identity, "dtype": args.dtype, "text": text_path.name,
                 "tokens_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "context": args.context,
-                "chunks": index, "prefill": args.prefill, "prompt": prompt, "batch": batch}
+                "chunks": index, "prefill": args.prefill, "prompt": prompt, "batch": batch,
+                **({"positions": args.positions} if args.positions not in (None, "absolute") else {})}
     out = Path(args.out or f"out/eval-{text_path.stem}")
     results = out / RESULTS
     rank, world = _distributed()
@@ -646,10 +556,10 @@ def run_ppl(args) -> None:
               f"{sum(1 for u in done if u[0] in names)} units already done"
               + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
     t0 = time.perf_counter()
-    with _progress(total, "eval ppl" if world == 1 else f"eval ppl [{rank}]", disable=rank > 0) as bar:
+    with progress(total, "eval ppl" if world == 1 else f"eval ppl [{rank}]", disable=rank > 0) as bar:
         try:
             units = run_grid(model, data, names, budgets, args.prefill, prompt, batch, done,
-                             lambda unit: _record(results, unit), bar, mine)
+                             lambda unit: _record(results, unit), bar, mine, args.positions)
         except KeyboardInterrupt:
             bar.close()
             print(f"msrnn: interrupted; finished cells are kept in {results}: rerun with --resume to continue.",
@@ -696,207 +606,3 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-# --- msrnn eval stream: one long text, bounded memory --------------------------------------------------------------
-def peak_rss_mib() -> float:
-    """The process's resident-memory high-water mark (getrusage; Linux reports KiB). It includes loading the weights,
-    so it shows growth only once a run needs more than that: see current_rss_mib too."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mib() -> float | None:
-    """Resident memory now (Linux /proc/self/statm), None where that file does not exist."""
-    import os
-
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@torch.inference_mode()
-def stream_windows(model, ids: torch.Tensor, policy: Policy | None, window: int, piece: int = 128,
-                   progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Run ONE stream ids (N,) through the model (batch 1) and report, per window of `window` logits indices, the
-    PPL of the next tokens, the peak RSS and the state's bytes. The text is fed in pieces of <= `piece` tokens with
-    model.prefill(mode="exact"): the recurrence itself (parallel only while nothing can be evicted), so memory is the
-    state plus one piece's logits: constant for a bounded policy, O(N) for full (its state grows)."""
-    N = ids.shape[0]
-    state = model.init_state(1, policy)
-    rows = []
-    for start in range(0, N - 1, window):
-        end = min(start + window, N - 1)  # logits indices [start, end) predict tokens start+1 .. end
-        total = 0.0
-        for a in range(start, end, piece):
-            b = min(a + piece, end)
-            logits, state = model.prefill(ids[None, a:b], state, policy, mode="exact", all_logits=True)
-            total += float(next_token_loss(torch.log_softmax(logits[0], -1), ids[a + 1 : b + 1]).double().sum())
-            if progress:
-                progress(b - a)
-        rss = current_rss_mib()
-        rows.append({"start": start + 1, "end": end, "ppl": math.exp(total / (end - start)),
-                     "peak_rss_mib": round(peak_rss_mib(), 1), "rss_mib": rss and round(rss, 1),
-                     "state_mib": round(state.nbytes() / 2**20, 4)})
-    return rows
-
-
-def _stream_ids(tokenizer, text: str, tokens: int) -> tuple[torch.Tensor, str]:
-    ids = tokenizer.encode(text)
-    if len(ids) < 2:
-        raise InputError("the text has fewer than 2 tokens; give a longer text.")
-    note = f"the text has {len(ids)} tokens"
-    if len(ids) < tokens:
-        repeats = math.ceil(tokens / len(ids))
-        note += f": repeated {repeats} times (concatenated) to reach {tokens} tokens"
-        ids = ids * repeats
-    return torch.tensor(ids[:tokens], dtype=torch.long), note
-
-
-def plot_stream(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    for run, style in ((res["policy_label"], "o-"), ("full", "s-")):
-        rows = res["runs"][run]
-        if rows:
-            a.plot([r["end"] for r in rows], [r["ppl"] for r in rows], style, ms=3, label=run)
-            b.plot([r["end"] for r in rows], [r["peak_rss_mib"] for r in rows], style, ms=3, label=f"{run}: peak RSS")
-            if rows[0]["rss_mib"] is not None:
-                b.plot([r["end"] for r in rows], [r["rss_mib"] for r in rows], style.replace("-", "--"), ms=2,
-                       label=f"{run}: RSS now")
-            b.plot([r["end"] for r in rows], [r["state_mib"] for r in rows], style.replace("-", ":"), ms=2,
-                   label=f"{run}: state")
-    for ax in (a, b):
-        ax.axvline(res["max_position_embeddings"], color="gray", ls="--", lw=1)
-    a.set(yscale="log", ylabel=f"PPL per {res['window']}-token window", title=res["title"])
-    b.set(xlabel="tokens into the stream", ylabel="MiB")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def stream_table(res: dict) -> str:
-    label, full = res["policy_label"], {r["start"]: r for r in res["runs"]["full"]}
-    lines = [f"# {res['title']}", "", res["note"], "",
-             f"| tokens | PPL {label} | PPL full | {label}: peak RSS / RSS / state (MiB) | "
-             "full: peak RSS / RSS / state (MiB) |", "|---|---:|---:|---:|---:|"]
-    for r in res["runs"][label]:
-        f = full.get(r["start"])  # the full run's last window may stop short (at its --full-tokens)
-        short = f" (to {f['end']})" if f and f["end"] != r["end"] else ""
-        ppl_full = f"{f['ppl']:.2f}{short}" if f else "—"
-        lines.append(f"| {r['start']}–{r['end']} | {r['ppl']:.2f} | {ppl_full} | {_memory(r)} | {_memory(f)} |")
-    return "\n".join(lines) + "\n"
-
-
-def _memory(row: dict | None) -> str:
-    if row is None:
-        return "—"
-    now = "?" if row["rss_mib"] is None else f"{row['rss_mib']:.0f}"
-    return f"{row['peak_rss_mib']:.0f} / {now} / {row['state_mib']:.3g}"
-
-
-def run_stream(args) -> None:
-    if args.tokens < 2 or args.window < 1:
-        raise InputError(f"--tokens {args.tokens} / --window {args.window}: give --tokens >= 2 and --window >= 1.")
-    policy = make_policy(args.policy, args.states)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    text_path = Path(args.text)
-    text = read_text(text_path)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    ids, note = _stream_ids(tokenizer, text, args.tokens)
-    limit = model.cfg.max_position_embeddings
-    full_tokens = min(limit, len(ids)) if args.full_tokens is None else min(args.full_tokens, len(ids))
-    note += (f"; the full model runs on the first {full_tokens} tokens (its trained context is {limit}; "
-             "--full-tokens to change)")
-    print(f"msrnn eval stream: {note}", file=sys.stderr)
-    label = f"{args.policy} k={args.states}" if policy is not None else "full"
-    runs = {}
-    with _progress(len(ids) - 1 + max(full_tokens - 1, 0) * (policy is not None), "eval stream") as bar:
-        runs[label] = stream_windows(model, ids, policy, args.window, progress=bar.update)  # bounded first: flat RSS
-        runs["full"] = (stream_windows(model, ids[:full_tokens], None, args.window, progress=bar.update)
-                        if policy is not None and full_tokens >= 2 else runs.get("full", []))
-    res = {"title": f"{text_path.name}: one stream of {len(ids)} tokens, {label} vs full",
-           "note": note, "policy_label": label, "window": args.window, "max_position_embeddings": limit,
-           "model": model.identity, "dtype": args.dtype, "runs": runs}
-    out = Path(args.out or f"out/stream-{text_path.stem}")
-    out.mkdir(parents=True, exist_ok=True)
-    table = stream_table(res)
-    (out / "stream.md").write_text(table)
-    (out / "stream.json").write_text(json.dumps(res, indent=2))
-    write_csv(out / "stream.csv", [{"run": run, **r} for run, rows in runs.items() for r in rows])
-    plot_stream(res, out / "stream.png")
-    print(table)
-    print(f"wrote {out}/stream.md, stream.csv, stream.json, stream.png")
-
-
-# --- command line --------------------------------------------------------------------------------------------------
-def add_cli(subparsers) -> None:
-    """Register `msrnn eval ppl` and `msrnn eval stream` (see cli.py)."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser("eval", help="perplexity of bounded policies (the paper's Table 3) and long streams",
-                              description="The paper's language-modelling experiments. See `msrnn eval ppl --help` "
-                                          "and `msrnn eval stream --help`.")
-    sub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
-
-    q = sub.add_parser(
-        "ppl", formatter_class=fmt, help="PPL of policies x budgets on chunks of a text (Table 3)",
-        description="Cut a text into chunks of --context tokens, run each chunk from an empty state with every\n"
-                    "policy and budget, and report perplexity, top-1 agreement with the full model and\n"
-                    "KL(full || policy) per token. Writes into --out: table.md (the paper's Table 3 layout),\n"
-                    "table.csv, results.json, ppl.png, and results.jsonl (each finished unit as it completes:\n"
-                    "interrupt freely, then --resume).\n\n"
-                    "--prefill exact: the recurrence, every next token scored (the paper).\n"
-                    "--prefill fast: the first --prompt tokens (default context/2) in one parallel pass, compressed\n"
-                    "once, then the recurrence; only tokens after the prompt are scored. Compare with an exact run\n"
-                    "given the same --prompt.",
-        epilog="example:\n  msrnn eval ppl --text ../shared/data/pride-and-prejudice.txt --context 2048 --chunks 2 "
-               "--out out/eval-pp")
-    _common_args(q, "out/eval-<text name>")
-    q.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated built-in names or path/to/file.py:ClassName (default {DEFAULT_POLICIES})")
-    q.add_argument("--states", default="64,128,256,512", help="comma-separated budgets k (default 64,128,256,512)")
-    q.add_argument("--context", type=int, default=2048, metavar="T", help="tokens per chunk (default 2048)")
-    q.add_argument("--chunks", type=int, default=2, metavar="N",
-                   help="evaluate N chunks spread evenly over the text (default 2; 0 = every full chunk)")
-    q.add_argument("--prefill", default="exact", choices=PREFILL_MODES, help="exact (default) or fast, see above")
-    q.add_argument("--prompt", type=int, default=None, metavar="P",
-                   help="score only after the first P tokens of each chunk (default 0 exact, context/2 fast)")
-    q.add_argument("--batch", type=int, default=None, metavar="N",
-                   help=f"chunks run together in one batch state (default {DEFAULT_BATCH}); results are saved "
-                        "after each batch, so --batch 1 saves after every chunk")
-    q.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
-    q.set_defaults(func=run_ppl)
-
-    s = sub.add_parser(
-        "stream", formatter_class=fmt, help="PPL and memory along one long stream, past the trained context",
-        description="Feed ONE long stream (batch 1) through the bounded recurrence and report PPL per window,\n"
-                    "peak and current RSS and state size, next to the full model on the first --full-tokens tokens (its trained\n"
-                    "context by default). The text is repeated if it is shorter than --tokens (the output says so).\n"
-                    "Writes stream.md, stream.csv, stream.json and stream.png into --out.",
-        epilog="example:\n  msrnn eval stream --text ../shared/data/pride-and-prejudice.txt --policy tova --states 512 "
-               "--tokens 70000")
-    _common_args(s, "out/stream-<text name>")
-    s.add_argument("--policy", default="tova", help="the bounded policy: a built-in name or path/to/file.py:ClassName "
-                   "(default tova)")
-    s.add_argument("--states", type=int, default=512, metavar="K", help="its budget (default 512)")
-    s.add_argument("--tokens", type=int, default=70000, metavar="N", help="stream length (default 70000)")
-    s.add_argument("--window", type=int, default=1000, metavar="W", help="tokens per reported window (default 1000)")
-    s.add_argument("--full-tokens", type=int, default=None, metavar="N",
-                   help="run the full model on the first N tokens (default min(max_position_embeddings, --tokens))")
-    s.set_defaults(func=run_stream)
-
-
-def _common_args(p, out: str) -> None:
-    from .generate import _model_args  # --model, --dtype: the same as every other command's
-
-    p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
-    _model_args(p)
-    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default {out})")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="torch threads (default: torch's choice; on a busy machine 1 can be much faster)")

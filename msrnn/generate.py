@@ -18,8 +18,6 @@ with that (rare) rope type the rows of a batch do see each other's lengths, as i
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from typing import Callable, Iterator, Sequence
@@ -28,11 +26,10 @@ import torch
 
 from .errors import InputError
 from .policies import POLICIES, Policy, make_policy
+from .report import human_bytes
 from .state import State
 
 PREFILL_MODES = ("exact", "fast")
-INFO_BUDGETS = (64, 256, 512, 1024, 2048)
-CHAT_DEFAULT_POLICY, CHAT_DEFAULT_STATES = "tova", 512
 
 
 # --- choosing the next token ----------------------------------------------------------------------------------------
@@ -80,15 +77,16 @@ def make_sampler(temperature: float, top_k: int | None, top_p: float | None, see
     return lambda logits: sample(logits, temperature, top_k, top_p, generator)
 
 
-def resolve_policy(policy: Policy | str | None, states: int | None = None) -> Policy | None:
-    """A policy name plus a budget, a Policy object, or None (unbounded) -> Policy | None."""
+def resolve_policy(policy: Policy | str | None, states: int | None = None,
+                   positions: str | None = None) -> Policy | None:
+    """A policy name plus a budget (and a position scheme), a Policy object, or None (unbounded) -> Policy | None."""
     if policy is None:
         if states is not None:
             raise InputError(f"states={states} was given without a policy; name one, e.g. policy='tova' "
                              "(--policy tova), or drop states for the unbounded transformer.")
         return None
     if isinstance(policy, str):
-        return make_policy(policy, states)
+        return make_policy(policy, states, **({"positions": positions} if positions else {}))
     if isinstance(policy, Policy):
         if states is not None and states != policy.states:
             raise InputError(f"states={states} contradicts the policy object's own budget ({policy!r}); drop states.")
@@ -170,7 +168,7 @@ def decode_tokens(model, logits: torch.Tensor, state: State, policy: Policy | No
         logits, state = model.step(tokens, state, policy)
 
 
-def _check_run(max_new_tokens, prefill: str) -> None:
+def check_generation(max_new_tokens, prefill: str) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
     if prefill not in PREFILL_MODES:
@@ -197,7 +195,7 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
     tokenizer is given. Arguments are checked when called, before the first token is asked for.
     """
     policy = resolve_policy(policy, states)
-    _check_run(max_new_tokens, prefill)
+    check_generation(max_new_tokens, prefill)
     rows, batched = encode_prompts(prompt, tokenizer, chat)
     vocab = model.cfg.vocab_size
     if bad := [i for row in rows for i in row if not 0 <= i < vocab]:
@@ -254,133 +252,22 @@ def generate_text(model, prompt, tokenizer=None, **kwargs) -> str | list[str]:
     return texts if batched else texts[0]
 
 
-# --- info -----------------------------------------------------------------------------------------------------------
-def model_info(model) -> dict:
-    """What a model is and what its multi-state costs: per token, for typical budgets, and at full context."""
-    cfg = model.cfg
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize  # k + v
-    budgets = sorted({*INFO_BUDGETS, cfg.max_position_embeddings})
-    return {
-        "source": model.identity,
-        "config": cfg.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),  # a tied embedding counts once
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "state_bytes_per_token": per_token,
-        "state_bytes": {k: k * per_token for k in budgets},
-    }
-
-
-def info(model) -> str:
-    """`model_info` as the text `msrnn info` prints."""
-    d = model_info(model)
-    cfg = d.pop("config")
-    rope = cfg.pop("rope")
-    lines = [f"source: {d['source'] or '(in memory)'}", f"parameters: {d['parameters']:,} ({d['dtype']})"]
-    lines += [f"{k}: {v}" for k, v in cfg.items()]
-    scaling = {k: v for k, v in rope.items() if v is not None and k != "theta"} if rope["type"] != "default" else {}
-    lines += ["rope: " + ", ".join(f"{k}={v}" for k, v in {"theta": rope["theta"], **scaling}.items())]
-    lines += ["", f"state per token (keys + values, {cfg['num_hidden_layers']} layers): "
-                  f"{human_bytes(d['state_bytes_per_token'])}"]
-    full = cfg["max_position_embeddings"]
-    for k, n in d["state_bytes"].items():
-        note = "  (max_position_embeddings: the unbounded transformer at full context)" if k == full else ""
-        lines.append(f"  {k:>7,} states: {human_bytes(n):>10}{note}")
-    return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-# --- command line ---------------------------------------------------------------------------------------------------
-def add_cli(subparsers) -> None:
-    """Register `msrnn generate`, `msrnn chat` and `msrnn info` (see cli.py)."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser(
-        "generate", formatter_class=fmt, help="continue a prompt, streaming the text",
-        description="Continue a prompt with the model run as a (bounded) multi-state RNN, streaming the text to "
-                    "stdout. Greedy by default (reproducible); --temperature > 0 samples.",
-        epilog='example:\n  msrnn generate --chat "What is the capital of France?" --policy tova --states 64\n'
-               '  msrnn generate "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 0 --max-new-tokens 200')
-    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
-    _model_args(p)
-    _policy_args(p, default_note="default: none, the unbounded transformer")
-    _sampling_args(p, max_new_tokens=128)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--verbose", "-v", action="store_true", help="report tokens/s and the state size on stderr")
-    p.set_defaults(func=run_generate)
-
-    p = subparsers.add_parser(
-        "chat", formatter_class=fmt, help="talk with a chat model; one bounded state for the whole conversation",
-        description="A chat REPL: type a message, get the answer; /quit or end of input (Ctrl-D) ends it. The whole "
-                    "conversation lives in ONE bounded multi-state: each turn feeds only its new tokens, and the "
-                    f"policy keeps at most --states per layer, so the chat can run past the model's context length in "
-                    f"constant memory. Default policy: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states.",
-        epilog='example:\n  msrnn chat --policy tova --states 256 --system "Answer in one sentence." --verbose')
-    _model_args(p)
-    _policy_args(p, default_note=f"default: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states")
-    _sampling_args(p, max_new_tokens=256)
-    p.add_argument("--system", help="a system message that opens the conversation")
-    p.add_argument("--verbose", "-v", action="store_true", help="print the state size after each answer (stderr)")
-    p.set_defaults(func=run_chat)
-
-    p = subparsers.add_parser(
-        "info", formatter_class=fmt, help="a model's config, size and state memory per budget",
-        description="Print a checkpoint's config, parameter count and dtype, and what its multi-state costs: bytes "
-                    "per remembered token, for budgets of 64..2048 states, and at the full context length.",
-        epilog="example:\n  msrnn info\n  msrnn info --model path/to/checkpoint --dtype bf16")
-    _model_args(p)
-    p.set_defaults(func=run_info)
-
-
-def _model_args(p) -> None:
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="checkpoint directory, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and state dtype (default fp32)")
-
-
-def _policy_args(p, default_note: str) -> None:
-    p.add_argument("--policy", help=f"which states to keep: {', '.join(POLICIES)}, settings in parentheses "
-                   f"(\"tova-decay(gamma=0.8)\") or your own path/to/file.py:ClassName ({default_note})")
-    p.add_argument("--states", type=int, metavar="K", help="the policy's budget: states kept per layer")
-    p.add_argument("--prefill", default="exact", choices=PREFILL_MODES,
-                   help="exact: the prompt runs as the recurrence (evicting per token); fast: one parallel pass, "
-                        "then one eviction (default exact)")
-
-
-def _sampling_args(p, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                   help=f"stop after N tokens (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample within the top probability mass P (nucleus)")
-    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-
-
-def _load(args):
-    from .weights import load
-
-    if sys.stderr.isatty():
-        print(f"msrnn: loading {args.model or 'the bundled SmolLM2-135M-Instruct'}...", file=sys.stderr, flush=True)
-    return load(args.model, dtype=args.dtype)
-
-
-def _sampling(args) -> dict:
+# --- the command ---------------------------------------------------------------------------------------------------
+def sampling_settings(args) -> dict:
+    """generate()'s keyword arguments from the command line's options."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, prefill=args.prefill)
 
 
-def run_generate(args) -> None:
-    policy = resolve_policy(args.policy, args.states)
-    model, tokenizer = _load(args)
+def run_generate(args, load) -> None:
+    """`msrnn generate`: stream the continuation of args.prompt; `load()` gives (model, tokenizer)."""
+    policy = resolve_policy(args.policy, args.states, args.positions)
+    model, tokenizer = load()
     [prompt], _ = encode_prompts(args.prompt, tokenizer, args.chat)
     state = model.init_state(1, policy) if args.verbose else None  # our own state, to report on it afterwards
     times = [time.perf_counter()]
-    _write(generate(model, prompt, tokenizer, policy=policy, state=state, progress=sys.stderr.isatty(),
-                    **_sampling(args)), times)
+    write_stream(generate(model, prompt, tokenizer, policy=policy, state=state, progress=sys.stderr.isatty(),
+                    **sampling_settings(args)), times)
     if args.verbose:
         n = int(state.next_pos[0]) - len(prompt)  # the state has seen the prompt and every new token
         timing = f"; first piece after {times[1] - times[0]:.1f} s" if len(times) > 1 else ""
@@ -388,75 +275,23 @@ def run_generate(args) -> None:
         print(f"[{len(prompt)} prompt tokens, {n} new{timing}; {describe_state(state, policy)}]", file=sys.stderr)
 
 
-def _write(pieces: Iterator[str], times: list[float] | None = None) -> None:
+def write_stream(pieces: Iterator[str], times: list[float] | None = None) -> None:
     """Stream text to stdout as it comes, flushing each piece, and end the line; appends each piece's time to
-    `times`."""
+    `times`. Says so on stderr when there was nothing to write (the model ended its answer at once)."""
+    written = False
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        written = True
         if times is not None:
             times.append(time.perf_counter())
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if not written:
+        print("msrnn: the answer is empty: the first token picked ends the text (an end-of-sequence id). A small "
+              "--states can cause this; try a larger budget or another --policy.", file=sys.stderr)
 
 
 def describe_state(state: State, policy: Policy | None) -> str:
     return (f"state: {state.size} states/layer, {human_bytes(state.nbytes())}, {int(state.next_pos[0])} tokens seen, "
             f"policy {policy!r}")
-
-
-def run_info(args) -> None:
-    from .weights import load_model
-
-    print(info(load_model(args.model, dtype=args.dtype)))
-
-
-def run_chat(args) -> None:
-    if args.policy is None:  # a chat should outlive the context length: bounded unless asked otherwise
-        args.policy, args.states = CHAT_DEFAULT_POLICY, args.states or CHAT_DEFAULT_STATES
-        print(f"msrnn: policy {args.policy} with {args.states} states (change with --policy/--states; "
-              "--policy full is the unbounded transformer)", file=sys.stderr)
-    policy = resolve_policy(args.policy, args.states)
-    model, tokenizer = _load(args)
-    session = ChatSession(model, tokenizer, policy, system=args.system, **_sampling(args))
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":
-            return
-        if not line.strip():
-            continue
-        _write(session.say(line.rstrip("\n")))
-        if args.verbose:
-            print(f"[{describe_state(session.state, policy)}]", file=sys.stderr)
-
-
-class ChatSession:
-    """A conversation kept in ONE multi-state. Each turn renders the whole conversation with the chat template and
-    feeds only the text the state has not seen yet (the part after the longest common prefix with what was fed), so
-    the cost of a turn is its own length, and with a bounded policy the memory stays k states per layer however
-    long the chat goes on."""
-
-    def __init__(self, model, tokenizer, policy: Policy | None, system: str | None = None, **sampling):
-        _check_run(sampling.get("max_new_tokens", 0), sampling.get("prefill", "exact"))
-        check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k"), sampling.get("top_p"))
-        self.model, self.tokenizer, self.policy, self.sampling = model, tokenizer, policy, sampling
-        self.messages = [{"role": "system", "content": system}] if system else []
-        self.state = model.init_state(1, policy)
-        self.fed = ""  # the conversation text the state has seen
-
-    def say(self, text: str) -> Iterator[str]:
-        """Stream the answer to the user's `text`; the conversation (and the state) then include both."""
-        self.messages.append({"role": "user", "content": text})
-        full = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        seen = len(os.path.commonprefix([full, self.fed]))
-        ids = self.tokenizer.encode(full[seen:], add_bos=False)  # the chat template writes BOS where wanted
-        answer = []
-        for piece in generate(self.model, ids, self.tokenizer, policy=self.policy, state=self.state,
-                              progress=sys.stderr.isatty(), **self.sampling):
-            answer.append(piece)
-            yield piece
-        self.messages.append({"role": "assistant", "content": "".join(answer)})
-        self.fed = full + "".join(answer)

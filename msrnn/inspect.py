@@ -17,17 +17,14 @@ between heads; `kept_heads` has the per-head counts).
     result.kept            # (layers, tokens) steps kept
     result.by_kind()       # mean retention of first token, punctuation, newline, 's, closing quote, proper noun...
 
-`msrnn inspect` (add_cli) writes an HTML page with every token shaded by its retention, a PNG heatmap
+`msrnn inspect` (run_inspect) writes an HTML page with every token shaded by its retention, a PNG heatmap
 (layers x tokens) and the per-kind table.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import functools
 import html
 import math
-import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import report
 from .errors import InputError
 from .policies import Policy
-from .state import EMPTY, State
+from .state import EMPTY
 
 KINDS = ("first token", "newline", "possessive 's", "closing quote", "punctuation", "proper noun", "other")
 ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.")  # a period that does not end a sentence
@@ -125,9 +123,7 @@ def record_retention(model, tokens, policy: Policy | None, tokenizer=None, progr
     state = model.init_state(1, policy)
     for i, layer in enumerate(state.layers):
         layer.trace = functools.partial(recorder.observe, i)
-    from tqdm import tqdm
-
-    with tqdm(total=T, desc="retention", unit="tok", disable=not progress, file=sys.stderr) as bar:
+    with report.progress(T, "retention", unit="tok", disable=not progress) as bar:
         model.prefill(ids[None], state, policy, mode="exact", progress=bar.update)
     budget = getattr(policy, "states", None)
     heads = recorder.kept_heads()  # (L, Hkv, T)
@@ -230,11 +226,9 @@ A token is shaded by how many steps it stayed in the multi-state (log scale; hov
 
 def plot_heatmap(result: RetentionResult, path: str | Path) -> None:
     """PNG: layers (rows) x tokens (columns), colour = steps kept (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+
+    plt = report.pyplot()
 
     L, T = result.kept.shape
     fig, ax = plt.subplots(figsize=(min(24.0, 4 + T / 20), 1.5 + 0.18 * L))
@@ -258,13 +252,6 @@ def kind_table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_report(result: RetentionResult, out: str | Path, layer: int | None = None) -> list[Path]:
     """Write retention.html, retention.png, retention_by_kind.md/.csv and tokens.csv into `out`; return the paths."""
     out = Path(out)
@@ -275,67 +262,29 @@ def write_report(result: RetentionResult, out: str | Path, layer: int | None = N
     paths[0].write_text(retention_html(result, layer), encoding="utf-8")
     plot_heatmap(result, paths[1])
     paths[2].write_text(kind_table_markdown(rows), encoding="utf-8")
-    write_csv(paths[3], rows)
+    report.write_csv(paths[3], rows)
     kept, kinds = result.retention(layer), result.kinds()
-    write_csv(paths[4], [{"position": t, "id": i, "piece": p, "kind": kinds[t], "kept": round(float(kept[t]), 3),
+    report.write_csv(paths[4], [{"position": t, "id": i, "piece": p, "kind": kinds[t], "kept": round(float(kept[t]), 3),
                           "available": int(result.available[t])}
                          for t, (i, p) in enumerate(zip(result.tokens, result.pieces))])
     return paths
 
 
-# --- command line ---------------------------------------------------------------------------------------------------
-def add_cli(subparsers) -> None:
-    """Register `msrnn inspect` (see cli.py)."""
-    from .policies import POLICIES
-
-    p = subparsers.add_parser(
-        "inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="which tokens a policy keeps, and for how long (HTML, PNG, table)",
-        description="Run a text through the model as a bounded multi-state RNN and record, for every token and\n"
-                    "layer, how many steps it stayed in the state. Writes into --out:\n"
-                    "  retention.html          the text, each token shaded by how long it was kept\n"
-                    "  retention.png           heatmap of steps kept, layers x tokens\n"
-                    "  retention_by_kind.md    mean retention of the first token, punctuation, newlines, 's,\n"
-                    "  retention_by_kind.csv   closing quotes, proper nouns and other tokens\n"
-                    "  tokens.csv              one row per token",
-        epilog="example:\n  msrnn inspect --text ../shared/data/frankenstein.txt --policy tova --states 64 "
-               "--tokens 1024 --out out/inspect")
-    p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
-    p.add_argument("--policy", default="tova", help=f"which states to keep: {', '.join(POLICIES)}, settings in "
-                   "parentheses (\"tova-decay(gamma=0.8)\") or path/to/file.py:ClassName (default tova)")
-    p.add_argument("--states", type=int, default=64, metavar="K", help="the policy's budget (default 64)")
-    p.add_argument("--layer", type=int, metavar="L", help="shade by layer L only (default: mean over layers)")
-    p.add_argument("--tokens", type=int, default=512, metavar="N", help="use the first N tokens (default 512)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="checkpoint directory, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and state dtype (default fp32)")
-    p.add_argument("--out", default="out/inspect", metavar="DIR", help="output folder (default out/inspect)")
-    p.set_defaults(func=run_inspect)
-
-
-def load_model_and_tokenizer(source, dtype):
-    """(model, tokenizer) for the command; a seam tests replace with a tiny model."""
-    from .weights import load
-
-    return load(source, dtype=dtype)
-
-
-def run_inspect(args) -> None:
+def run_inspect(args, load) -> None:
+    """`msrnn inspect`; `load()` gives (model, tokenizer)."""
     from .policies import make_policy
 
-    path = Path(args.text)
-    if not path.is_file():
-        raise InputError(f"--text {path}: no such file; give a UTF-8 text file.")
+    text = report.read_text(args.text)
     if args.tokens < 1:
         raise InputError(f"--tokens {args.tokens}: give at least 1 token.")
-    policy = make_policy(args.policy, args.states)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    policy = make_policy(args.policy, args.states, **({"positions": args.positions} if args.positions else {}))
+    model, tokenizer = load()
     layers = model.cfg.num_hidden_layers
     if args.layer is not None and not 0 <= args.layer < layers:
         raise InputError(f"--layer {args.layer} is out of range: this model has layers 0..{layers - 1}.")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))[: args.tokens]
+    ids = tokenizer.encode(text)[: args.tokens]
     if not ids:
-        raise InputError(f"--text {path} is empty: there is nothing to inspect.")
+        raise InputError(f"--text {args.text} is empty: there is nothing to inspect.")
     result = record_retention(model, ids, policy, tokenizer=tokenizer, progress=True)
     for written in write_report(result, args.out, args.layer):
         print(written)

@@ -26,7 +26,7 @@ from .config import Config
 from .errors import InputError
 from .policies import Policy
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate
-from .state import EMPTY, State
+from .state import EMPTY, INF, State
 
 
 class RMSNorm(nn.Module):
@@ -73,9 +73,11 @@ class Block(nn.Module):
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
+        bounded = policy is not None and policy.states is not None
+        if bounded and each_token and T > 1:
+            layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
         n0 = layer_state.size
         layer_state.append(k, v, pos)  # n -> n + T states (the candidates)
-        bounded = policy is not None and policy.states is not None
         # Queries 0..first-1 cannot cause an eviction (the layer holds <= k states until then): one parallel call.
         first = T if not bounded or not each_token else min(max(policy.min_budget() - n0, 0), T)
         if scheme != "absolute" and inv_freq.dim() == 2:
@@ -105,7 +107,7 @@ class Block(nn.Module):
         """Probabilities (B, Hkv, G, T, S) of T queries over the layer's S states when none is evicted between
         them. Keys of a rotate-at-use scheme are rotated here at their effective positions; query t sits where its
         own key (slot new_at + t) sits."""
-        S, (B, Hkv, G, T, hd) = layer_state.size, q.shape
+        S, (B, Hkv, G, T, _) = layer_state.size, q.shape
         if T == 0:
             return torch.empty(B, Hkv, G, 0, S)
         kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
@@ -146,6 +148,11 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
     probs = torch.empty(T, B, Hkv, G, S)  # fp32
     needs_attn = policy.needs_attention or policy.keeps_score
     budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
+    # The common case in fewer operations: one budget, rows that all hold the same number of states, no "drop now"
+    # priorities, and slots in position order (Block.forward sorted them), so argmin's first minimum is the oldest.
+    counts = (pos[:, :, :start] != EMPTY).sum(-1)  # (B, Hkv)
+    live = int(counts.max())
+    plain = T > 1 and not overfull and not policy.drops and isinstance(budget, int) and live == int(counts.min())
     for t in range(T):
         pos[:, :, start + t] = entering[:, :, t]  # token t enters: n -> n + 1 states
         hidden = pos == EMPTY  # (B, Hkv, S)
@@ -164,7 +171,13 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
         if policy.keeps_score:
             layer_state.score[:, :, :S] = score = policy.update(score, attn[:, :, None])
         prio = policy.priority(attn, pos, score)
-        if overfull and t == 0:
+        if plain:
+            live += 1
+            if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)
+                slot = prio.float().expand(pos.shape).masked_fill(hidden, INF).argmin(dim=-1, keepdim=True)
+                pos.scatter_(2, slot, EMPTY)
+                live -= 1
+        elif overfull and t == 0:
             layer_state.keep_top(prio, budget)
         else:
             layer_state.drop_lowest(prio, budget, hidden)

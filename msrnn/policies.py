@@ -2,7 +2,7 @@
 
 After the new token has attended to all n+1 states of a layer, the model asks the layer's policy which states to keep
 when there are more than `states` (k) of them. A policy answers with a *priority* per state: the model keeps the k
-states of highest priority (an exact tie is broken arbitrarily) and drops every state whose priority is -inf.
+states of highest priority (of equal priorities the oldest goes first) and drops every state whose priority is -inf.
 Constant +inf marks a state that must stay (attention sinks, a recent window).
 
 What a policy sees (plain tensors; no model needed in a unit test):
@@ -37,6 +37,7 @@ class Policy:
     layer_local = True  # decides from its own layer's tensors only, so a chunk can run layer-major (model.scan)
     min_states = 1  # the smallest budget that makes sense for this policy
     keeps_score = False  # set for every class that overrides `update`
+    drops = True  # priority may be -inf ("drop now"); False lets the model skip that check (built-ins that never do)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -78,26 +79,11 @@ def newest(pos: torch.Tensor) -> torch.Tensor:
     return pos.max(dim=-1, keepdim=True).values
 
 
-class Full(Policy):
-    """Unbounded: never evicts. The multi-state RNN that *is* the transformer."""
-
-    name = "full"
-    needs_attention = False
-
-    def __init__(self, states: int | None = None, positions: str = "absolute"):
-        self.states, self.positions = None, positions
-
-    def priority(self, attn, pos, score):
-        return pos.float()
-
-    def __repr__(self) -> str:
-        return "Full()"
-
-
 class Window(Policy):
     """Keep the k most recent states (FIFO). The new token attends to k + 1 tokens: Mistral's sliding_window = k+1."""
 
     name = "window"
+    drops = False
     needs_attention = False
 
     def priority(self, attn, pos, score):
@@ -108,6 +94,7 @@ class Sinks(Policy):
     """StreamingLLM's Window+i: the first `sinks` tokens of the stream are kept forever, plus the k - i most recent."""
 
     name = "sinks"
+    drops = False
     needs_attention = False
 
     def __init__(self, states: int, sinks: int = 4, positions: str = "absolute"):
@@ -125,6 +112,7 @@ class TOVA(Policy):
     """TOVA (layer-wise): drop the state the newest query attends to least, averaged over all the layer's heads."""
 
     name = "tova"
+    drops = False
 
     def priority(self, attn, pos, score):
         return attn.mean(dim=1, keepdim=True)  # (B, 1, n) one decision for the whole layer
@@ -144,6 +132,7 @@ class H2O(Policy):
     and always the k // 2 most recent states."""
 
     name = "h2o"
+    drops = False
     min_states = 2
 
     def __init__(self, states: int, positions: str = "absolute"):
@@ -276,19 +265,23 @@ class TOVARecent(TOVA):
 
 
 POSITION_SCHEMES = ("absolute", "shift", "loglog")
+FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Full, Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
+    p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
                         TOVADecay, TOVAMax, TOVASink, TOVARecent)
 }
 
 
-def policy_class(name: str) -> type[Policy]:
-    """A built-in policy by its CLI name, or your own class as "path/to/file.py:ClassName" (a Policy subclass)."""
+def policy_class(name: str) -> type[Policy] | None:
+    """A built-in policy by its CLI name, or your own class as "path/to/file.py:ClassName" (a Policy subclass);
+    None for `full`, the unbounded transformer, which has no policy."""
+    if name == FULL:
+        return None
     if name in POLICIES:
         return POLICIES[name]
     path, colon, cls_name = name.rpartition(":")
     if not colon or not path.endswith(".py"):
-        raise InputError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}, "
+        raise InputError(f"unknown policy {name!r}; choose one of {FULL}, {', '.join(POLICIES)}, "
                          "or give your own as path/to/file.py:ClassName.")
     return _load_policy_file(Path(path), cls_name)
 
@@ -338,7 +331,7 @@ def make_policy(name: str, states: int | None = None, **kwargs) -> Policy | None
     `states`; `full` gives None (unbounded)."""
     name, settings = parse_spec(name)
     cls = policy_class(name)
-    if cls is Full:
+    if cls is None:  # full
         return None
     if states is None:
         raise InputError(f"policy {name!r} needs a budget: give states=k (e.g. --states 256).")

@@ -72,6 +72,16 @@ class LayerState:
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.pos, self.score = pad(self.pos, EMPTY), pad(self.score, 0.0)
 
+    def sort_by_position(self) -> None:
+        """Reorder slots [0, size) by position (empty slots first). The layer-major scan starts from this order, so
+        that the first of equal priorities is the oldest state (exact ties drop the oldest, as drop_lowest does)."""
+        n = self.size
+        order = self.pos[:, :, :n].argsort(dim=-1, stable=True)  # (B, Hkv, n)
+        for buf in (self.keys, self.values):
+            buf[:, :, :n] = buf[:, :, :n].gather(2, order[..., None].expand(-1, -1, -1, buf.shape[-1]))
+        for buf in (self.pos, self.score):
+            buf[:, :, :n] = buf[:, :, :n].gather(2, order)
+
     # --- eviction: a state leaves by getting position EMPTY; compact() then reuses its slot ----------------------
     def drop_lowest(self, priority: torch.Tensor, budget, hidden: torch.Tensor) -> None:
         """One step of the bounded recurrence: every row and kv head that holds more than `budget` live states (at

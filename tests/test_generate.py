@@ -15,7 +15,9 @@ import torch
 import msrnn
 from msrnn.cli import main
 from msrnn.errors import InputError
-from msrnn.generate import ChatSession, generate, generate_text, model_info, sample
+from msrnn.chat import ChatSession
+from msrnn.generate import generate, generate_text, sample
+from msrnn.info import model_info
 from msrnn.state import State
 from msrnn.policies import make_policy
 from tiny import hf_model, save

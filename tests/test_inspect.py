@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import msrnn
-import msrnn.inspect as inspect_mod
+import msrnn.cli as cli
 from msrnn.cli import main
 from msrnn.config import Config
 from msrnn.inspect import RetentionResult, record_retention, retention_html, token_kind, write_report
@@ -169,7 +169,7 @@ def test_report_html_has_every_token_escaped_and_png_and_tables(model, tmp_path)
 
 
 def test_cli_writes_the_report(model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(inspect_mod, "load_model_and_tokenizer", lambda source, dtype: (model, FakeTokenizer()))
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda args: (model, FakeTokenizer()))
     text = tmp_path / "text.txt"
     text.write_text("It was a dark and stormy night; the rain fell in torrents.", encoding="utf-8")
     out = tmp_path / "out"
@@ -186,7 +186,7 @@ def test_cli_writes_the_report(model, tmp_path, monkeypatch, capsys):
     (["--text", "{text}", "--states", "0"], "not a valid budget"),
 ])
 def test_cli_errors_are_one_line(model, tmp_path, monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(inspect_mod, "load_model_and_tokenizer", lambda source, dtype: (model, FakeTokenizer()))
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda args: (model, FakeTokenizer()))
     text = tmp_path / "text.txt"
     text.write_text("Some text.", encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:

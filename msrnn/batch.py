@@ -1,0 +1,71 @@
+"""Rows of different policies in one batch: one `model.prefill` or `step` advances all of them.
+
+    rows = RowPolicies([make_policy("tova", 64), make_policy("h2o", 128)], rows=2)   # 4 batch rows
+    state = model.init_state(4, rows)                                              # rows 0-1: TOVA 64, rows 2-3: H2O 128
+
+msrnn eval runs the paper's whole grid (policies x budgets x chunks) as one batch this way: a step costs far less
+than one step per cell, because the weights are read once for every row.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import InputError
+from .policies import Policy
+
+
+class RowPolicies(Policy):
+    """Several policies, each with its own budget, each owning a block of `rows` consecutive batch rows, so that one
+    `model.step` advances all of them (rows member-major: member i owns rows [i*rows, (i+1)*rows)).
+
+    The model asks a policy for one priority per row and kv head; this one asks each member about its own rows and
+    stacks the answers. `budget()` gives each row its own k; the model asks for priorities as soon as any row may
+    have to evict (`min_budget()`), and a row under its budget keeps everything."""
+
+    name = "rows"
+
+    def __init__(self, members: Sequence[Policy], rows: int):
+        if len({m.positions for m in members}) != 1:
+            raise InputError("RowPolicies needs members with one position scheme; got "
+                             f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
+        super().__init__(min(m.states for m in members), members[0].positions)
+        self.members, self.rows = list(members), rows
+        self.needs_attention = any(m.needs_attention for m in members)
+        self.keeps_score = any(m.keeps_score for m in members)
+        self.layer_local = all(m.layer_local for m in members)
+        self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
+        for i, member in enumerate(self.members):
+            if self.blocks and _alike(self.blocks[-1][0], member):
+                self.blocks[-1][2] = (i + 1) * rows
+            else:
+                self.blocks.append([member, i * rows, (i + 1) * rows])
+
+    def budget(self) -> torch.Tensor:
+        """(R, 1, 1) each row's budget."""
+        return torch.tensor([m.states for m in self.members]).repeat_interleave(self.rows)[:, None, None]
+
+    def update(self, score, attn):
+        out = score.clone()  # (R, Hkv, n)
+        for m, a, b in self.blocks:
+            if m.keeps_score:
+                out[a:b] = m.update(score[a:b], attn[a:b])
+        return out
+
+    def priority(self, attn, pos, score):
+        return torch.cat([m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]).float()
+                          .expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
+
+    def __repr__(self) -> str:
+        return f"RowPolicies({self.members!r}, rows={self.rows})"
+
+
+def _alike(a: Policy, b: Policy) -> bool:
+    """Built-in policies of one class whose settings differ only in the budget decide alike (no built-in priority
+    or update reads `states`), so one call can serve the rows of both."""
+    if type(a) is not type(b) or type(a).__module__ != Policy.__module__:
+        return False
+    va, vb = ({k: v for k, v in vars(p).items() if k != "states"} for p in (a, b))
+    return va.keys() == vb.keys() and all(
+        torch.equal(va[k], vb[k]) if isinstance(va[k], torch.Tensor) else va[k] == vb[k] for k in va)

@@ -1,0 +1,44 @@
+"""`msrnn info`: what a checkpoint is and what its multi-state costs per token and per budget."""
+from __future__ import annotations
+
+from .report import human_bytes
+
+INFO_BUDGETS = (64, 256, 512, 1024, 2048)
+
+
+def model_info(model) -> dict:
+    """What a model is and what its multi-state costs: per token, for typical budgets, and at full context."""
+    cfg = model.cfg
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize  # k + v
+    budgets = sorted({*INFO_BUDGETS, cfg.max_position_embeddings})
+    return {
+        "source": model.identity,
+        "config": cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),  # a tied embedding counts once
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "state_bytes_per_token": per_token,
+        "state_bytes": {k: k * per_token for k in budgets},
+    }
+
+
+def info(model) -> str:
+    """`model_info` as the text `msrnn info` prints."""
+    d = model_info(model)
+    cfg = d.pop("config")
+    rope = cfg.pop("rope")
+    lines = [f"source: {d['source'] or '(in memory)'}", f"parameters: {d['parameters']:,} ({d['dtype']})"]
+    lines += [f"{k}: {v}" for k, v in cfg.items()]
+    scaling = {k: v for k, v in rope.items() if v is not None and k != "theta"} if rope["type"] != "default" else {}
+    lines += ["rope: " + ", ".join(f"{k}={v}" for k, v in {"theta": rope["theta"], **scaling}.items())]
+    lines += ["", f"state per token (keys + values, {cfg['num_hidden_layers']} layers): "
+                  f"{human_bytes(d['state_bytes_per_token'])}"]
+    full = cfg["max_position_embeddings"]
+    for k, n in d["state_bytes"].items():
+        note = "  (max_position_embeddings: the unbounded transformer at full context)" if k == full else ""
+        lines.append(f"  {k:>7,} states: {human_bytes(n):>10}{note}")
+    return "\n".join(lines)
+
+
+def run_info(args, load) -> None:
+    """`msrnn info`; `load()` gives (model, tokenizer)."""
+    print(info(load()[0]))

@@ -1,0 +1,77 @@
+"""What the commands share to report results: tables (CSV), figures (matplotlib, headless), progress bars, the
+text files they read and the memory they watch.
+
+Every command's output goes through here, so a figure or a progress bar looks and behaves the same everywhere.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file, or one clear error (missing, a folder, not UTF-8, binary)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--text {path}: no such file; give a UTF-8 text file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--text {path} is not UTF-8 ({e}); convert it first (iconv -t utf-8).") from None
+    if "\x00" in text:
+        raise InputError(f"--text {path} holds NUL bytes: it looks like a binary file, not text.")
+    return text
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per dict, the first dict's keys as the header."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (figures are written to files, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def progress(total: int, desc: str, unit: str = "step", disable: bool = False, **kwargs):
+    """A tqdm bar on stderr. Off a terminal (a log file, CI) it redraws at most every 30 s instead of flooding."""
+    from tqdm import tqdm
+
+    quiet = not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
+                disable=disable, mininterval=30 if quiet else 0.1, **kwargs)
+
+
+def peak_rss_mib() -> float:
+    """The process's resident-memory high-water mark (getrusage; Linux reports KiB). It includes loading the weights,
+    so it shows growth only once a run needs more than that: see current_rss_mib too."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float | None:
+    """Resident memory now (Linux /proc/self/statm), None where that file does not exist."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
