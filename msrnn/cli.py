@@ -36,7 +36,7 @@ def model_options(p, dtype: bool = True) -> None:
     if dtype:
         p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and state dtype")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads (default: the machine's physical cores)")
+                   help="torch threads (default: the machine's physical cores, or OMP_NUM_THREADS if set)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
 
 
@@ -236,7 +236,8 @@ def configure(args) -> None:
     if threads is not None and (threads < 1 or threads > 4096):
         raise InputError(f"--threads {threads}: give a positive number of threads (this machine has "
                          f"{os.cpu_count()} logical cores).")
-    torch.set_num_threads(threads or physical_cores())
+    if threads is not None or "OMP_NUM_THREADS" not in os.environ:  # an explicit OMP_NUM_THREADS is respected
+        torch.set_num_threads(threads or physical_cores())
     device = getattr(args, "device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: torch sees no CUDA device here (a CPU build of torch, or no GPU); "
