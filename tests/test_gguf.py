@@ -29,6 +29,7 @@ def reference():
     return model.config, model.state_dict()
 
 
+@pytest.mark.slow
 def test_bundled_tensors_equal_transformers(ours, reference):
     config, tensors = ours
     _, state = reference

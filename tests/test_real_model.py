@@ -8,6 +8,8 @@ import msrnn
 from msrnn.gguf import bundled_gguf_path
 from msrnn.policies import TOVA
 
+pytestmark = pytest.mark.slow  # the bundled 30-layer model against transformers's load of the same file
+
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
 

