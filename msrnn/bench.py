@@ -304,10 +304,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def run(args) -> int:
     """`msrnn bench` (it loads the model itself: transformers needs the same source)."""
-    from .gguf import bundled_gguf_path
     from .weights import load_model, parse_dtype, resolve
 
-    source = bundled_gguf_path() if args.model is None else resolve(args.model)
+    source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=parse_dtype(args.dtype))
     res = run_bench(model, source, policy_name=args.policy, states=args.states, positions=_ints(args.positions),
                     bounded_positions=_ints(args.bounded_positions), steps=args.steps,

@@ -17,9 +17,9 @@ import sys
 
 from . import __version__
 from .errors import InputError, MsrnnError
+from .model import PREFILL_MODES
 from .policies import FULL, POLICIES, POSITION_SCHEMES
 
-PREFILL_MODES = ("exact", "fast")
 BUNDLED = "the bundled SmolLM2-135M-Instruct GGUF"
 POLICY_FORMS = (f"{FULL}, {', '.join(POLICIES)}; settings in parentheses (\"tova-decay(gamma=0.8)\"); or your own class "
                 "as path/to/file.py:ClassName (the file is run, as an import would)")
@@ -57,6 +57,9 @@ def sampling_options(p, max_new_tokens: int) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
     p.add_argument("--top-p", type=float, metavar="P", help="sample within the top probability mass P (nucleus)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages tokens already in the prompt or answer (CTRL's rule; 1.1-1.3 typical)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before this text (repeatable)")
 
 
 def text_options(p, out: str) -> None:

@@ -69,11 +69,11 @@ import torch
 
 from .batch import RowPolicies
 from .errors import InputError
+from .model import PREFILL_MODES
 from .policies import POLICIES, Policy, make_policy, parse_spec, policy_class
-from .report import progress, pyplot, read_text, write_csv
+from .report import plain_log_axis, progress, pyplot, read_text, write_csv
 from .state import State
 
-PREFILL_MODES = ("exact", "fast")
 DEFAULT_POLICIES = "full,baseline,window,sinks,h2o,tova-head,tova"
 DEFAULT_BATCH = 2  # chunks per batch state: 2 x 24 cells = 48 rows, past which a step gains little per row
 
@@ -497,8 +497,6 @@ def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], tit
 def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Path, title: str) -> None:
     """PNG: PPL vs states per layer (log-2 x axis), one line per policy (shaded: its bootstrap 95 % interval over
     chunks), `full` as a horizontal reference."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
@@ -512,8 +510,7 @@ def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Pat
                             color=line.get_color(), alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers (30, 40), not 3x10^1
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    plain_log_axis(ax.yaxis)
     ax.set_xticks(budgets, [str(k) for k in budgets])
     ax.set(xlabel="states per layer (k)", ylabel="perplexity (log scale)", title=title)
     ax.legend(fontsize=8)

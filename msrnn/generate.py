@@ -25,11 +25,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .errors import InputError
+from .model import PREFILL_MODES
 from .policies import POLICIES, Policy, make_policy
 from .report import human_bytes
 from .state import State
 
-PREFILL_MODES = ("exact", "fast")
 
 
 # --- choosing the next token ----------------------------------------------------------------------------------------
@@ -75,6 +75,25 @@ def make_sampler(temperature: float, top_k: int | None, top_p: float | None, see
         raise InputError(f"seed must be an integer or None, got {seed!r}.")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     return lambda logits: sample(logits, temperature, top_k, top_p, generator)
+
+
+def penalize_repeats(pick: Callable[[torch.Tensor], torch.Tensor], rows: list[list[int]], vocab: int,
+                     penalty: float, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`pick` with CTRL's repetition penalty (Keskar et al. 2019, as transformers applies it): the logit of every
+    token already in a row's prompt or answer is divided by `penalty` if positive, multiplied by it if negative."""
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0:
+        raise InputError(f"repetition_penalty must be a number > 0 (1 = none, 1.1-1.3 typical), got {penalty!r}.")
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # (B, V)
+    for i, row in enumerate(rows):
+        seen[i, row] = True
+
+    def pick_penalized(logits: torch.Tensor) -> torch.Tensor:
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        tokens = pick(logits)  # (B,)
+        seen[torch.arange(len(tokens)), tokens] = True
+        return tokens
+
+    return pick_penalized
 
 
 def resolve_policy(policy: Policy | str | None, states: int | None = None,
@@ -179,7 +198,8 @@ def check_generation(max_new_tokens, prefill: str) -> None:
 def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, states: int | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, prefill: str = "exact", stop_at_eos: bool = True,
-             chat: bool = False, state: State | None = None, progress: bool = False) -> Iterator:
+             chat: bool = False, state: State | None = None, progress: bool = False, repetition_penalty: float = 1.0,
+             stop: Sequence[str] = ()) -> Iterator:
     """Stream the continuation of `prompt`, piece by piece as tokens arrive.
 
     prompt: a string (encoded with `tokenizer`; with chat=True first wrapped in the tokenizer's chat template), a
@@ -190,6 +210,9 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
     state: continue this single-row state (updated in place) instead of starting a new one; afterwards it has seen
     the prompt and every yielded token, so the next call can continue the same conversation.
     progress: show a progress bar on stderr while the prompt is read, if that takes more than a second.
+    repetition_penalty: > 1 discourages tokens already in the prompt or the answer (see `penalize_repeats`).
+    stop: strings that end a row's answer; the answer is cut before the first of them (needs a tokenizer). A state
+    passed in has then seen the tokens up to the one that completed the stop string.
 
     Yields text pieces (str) for one prompt, (row, piece) pairs for a batch; token ids instead of text when no
     tokenizer is given. Arguments are checked when called, before the first token is asked for.
@@ -204,9 +227,15 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
     if state is not None and len(rows) != 1:
         raise InputError("state= continues a single prompt; give one prompt, or no state for a batch.")
     pick = make_sampler(temperature, top_k, top_p, seed, model.embed.weight.device)
-    stop = eos_ids(model, tokenizer) if stop_at_eos else []
-    tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progress)
-    return _pieces(tokens, tokenizer, len(rows), batched)
+    if repetition_penalty != 1:
+        pick = penalize_repeats(pick, rows, vocab, repetition_penalty, model.embed.weight.device)
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise InputError(f"stop must be a list of non-empty strings, got {stop!r}.")
+    if stop and tokenizer is None:
+        raise InputError("stop strings need a tokenizer (they are matched in the text); pass tokenizer=...")
+    stop_ids = eos_ids(model, tokenizer) if stop_at_eos else []
+    tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop_ids, state, progress)
+    return _pieces(tokens, tokenizer, len(rows), batched, tuple(stop))
 
 
 def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progress) -> Iterator[tuple[int, int]]:
@@ -228,16 +257,41 @@ def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progre
             yield row, int(tokens[row])
 
 
-def _pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool) -> Iterator:
-    """Turn (row, id) into text pieces with one incremental decoder per row (a character may span tokens)."""
+def _pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool, stop: tuple = ()) -> Iterator:
+    """Turn (row, id) into text pieces with one incremental decoder per row (a character may span tokens). With
+    stop strings, text that could be the start of one is held back until it is known not to be; a row ends at the
+    first stop string, and generation ends when every row has."""
     decoders = [tokenizer.stream_decoder() for _ in range(batch)] if tokenizer is not None else None
+    held, ended = [""] * batch, [False] * batch
     for row, token in tokens:
+        if ended[row]:
+            continue
         piece = decoders[row].push(token) if decoders else token
+        if stop and piece != "":
+            piece, held[row], ended[row] = _cut_at_stop(held[row] + piece, stop)
         if piece != "":
             yield (row, piece) if batched else piece
+        if all(ended):
+            return  # closes the token generator: nothing more is computed
     for row, decoder in enumerate(decoders or []):
-        if piece := decoder.flush():
+        if ended[row]:
+            continue
+        piece = held[row] + decoder.flush()
+        if stop:
+            piece = _cut_at_stop(piece, stop, final=True)[0]
+        if piece:
             yield (row, piece) if batched else piece
+
+
+def _cut_at_stop(text: str, stop: tuple, final: bool = False) -> tuple[str, str, bool]:
+    """(text safe to show, text held back, ended?) for the text a row has not shown yet."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if found:
+        return text[: min(found)], "", True
+    if final:
+        return text, "", False
+    keep = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)  # a stop's start
+    return text[: len(text) - keep], text[len(text) - keep :], False
 
 
 def generate_text(model, prompt, tokenizer=None, **kwargs) -> str | list[str]:
@@ -256,7 +310,8 @@ def generate_text(model, prompt, tokenizer=None, **kwargs) -> str | list[str]:
 def sampling_settings(args) -> dict:
     """generate()'s keyword arguments from the command line's options."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, prefill=args.prefill)
+                top_p=args.top_p, seed=args.seed, prefill=args.prefill, repetition_penalty=args.repetition_penalty,
+                stop=tuple(args.stop or ()))
 
 
 def run_generate(args, load) -> None:

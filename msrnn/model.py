@@ -29,6 +29,9 @@ from .rope import cos_sin, effective_positions, inv_frequencies, rotate
 from .state import EMPTY, INF, State
 
 
+PREFILL_MODES = ("exact", "fast")  # the recurrence itself (layer-major), or one parallel pass + one eviction
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise InputError(f"prefill takes a prompt of shape (B, T) with T >= 1; got shape {tuple(tokens.shape)}.")
-        if mode not in ("exact", "fast"):
+        if mode not in PREFILL_MODES:
             raise InputError(f"prefill mode {mode!r} is unknown; choose 'exact' or 'fast'.")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"chunk={chunk!r}: give a positive number of tokens per layer-major chunk.")

@@ -45,6 +45,17 @@ def pyplot():
     return plt
 
 
+def plain_log_axis(axis) -> None:
+    """Ticks of a log-scale axis as plain numbers at 1..9 x 10^n (20, 30, 40 rather than 2x10^1, or no label at all
+    when the data spans less than a decade)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1, 2, 3, 4, 5, 6, 7, 8, 9)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
 def progress(total: int, desc: str, unit: str = "step", disable: bool = False, **kwargs):
     """A tqdm bar on stderr. Off a terminal (a log file, CI) it redraws at most every 30 s instead of flooding."""
     from tqdm import tqdm

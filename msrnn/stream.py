@@ -18,7 +18,7 @@ import torch
 from .errors import InputError
 from .eval import next_token_loss
 from .policies import Policy, make_policy
-from .report import current_rss_mib, peak_rss_mib, progress, pyplot, read_text, write_csv
+from .report import current_rss_mib, peak_rss_mib, plain_log_axis, progress, pyplot, read_text, write_csv
 
 
 @torch.inference_mode()
@@ -60,21 +60,24 @@ def _stream_ids(tokenizer, text: str, tokens: int) -> tuple[torch.Tensor, str]:
 
 
 def plot_stream(res: dict, path: Path) -> None:
+    """PNG: PPL per window (top) and memory (bottom) along the stream; one colour per run in both panels."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    for run, style in ((res["policy_label"], "o-"), ("full", "s-")):
+    for (run, marker), color in zip(((res["policy_label"], "o"), ("full", "s")), ("C0", "C3")):  # one colour per run
         rows = res["runs"][run]
         if rows:
-            a.plot([r["end"] for r in rows], [r["ppl"] for r in rows], style, ms=3, label=run)
-            b.plot([r["end"] for r in rows], [r["peak_rss_mib"] for r in rows], style, ms=3, label=f"{run}: peak RSS")
+            ends = [r["end"] for r in rows]
+            a.plot(ends, [r["ppl"] for r in rows], marker + "-", ms=3, color=color, label=run)
+            b.plot(ends, [r["peak_rss_mib"] for r in rows], marker + "-", ms=3, color=color, label=f"{run}: peak RSS")
             if rows[0]["rss_mib"] is not None:
-                b.plot([r["end"] for r in rows], [r["rss_mib"] for r in rows], style.replace("-", "--"), ms=2,
-                       label=f"{run}: RSS now")
-            b.plot([r["end"] for r in rows], [r["state_mib"] for r in rows], style.replace("-", ":"), ms=2,
-                   label=f"{run}: state")
+                b.plot(ends, [r["rss_mib"] for r in rows], marker + "--", ms=2, color=color, label=f"{run}: RSS now")
+            b.plot(ends, [r["state_mib"] for r in rows], marker + ":", ms=2, color=color, label=f"{run}: state")
+    last = max(r["end"] for rows in res["runs"].values() for r in rows)
+    b.set_xlim(0, last * 1.02)  # the axis ends at the data
     for ax in (a, b):
         ax.axvline(res["max_position_embeddings"], color="gray", ls="--", lw=1)
     a.set(yscale="log", ylabel=f"PPL per {res['window']}-token window", title=res["title"])
+    plain_log_axis(a.yaxis)
     b.set(xlabel="tokens into the stream", ylabel="MiB")
     a.legend(fontsize=8)
     b.legend(fontsize=8)

@@ -30,8 +30,13 @@ def parse_dtype(dtype) -> torch.dtype:
     raise CheckpointError(f"dtype {dtype!r} is not supported; use float32 (fp32) or bfloat16 (bf16).")
 
 
-def resolve(source: str | Path) -> Path:
-    """A local directory or .gguf file as is; anything shaped like 'org/name' through the hub (cache first)."""
+def resolve(source: str | Path | None) -> Path:
+    """A local directory or .gguf file as is; anything shaped like 'org/name' through the hub (cache first); None,
+    the bundled SmolLM2-135M-Instruct GGUF (works offline)."""
+    if source is None:
+        from .gguf import bundled_gguf_path
+
+        return bundled_gguf_path()
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -151,10 +156,6 @@ def build(cfg: Config, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype, 
 def load_model(source: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
     """`Transformer` from a checkpoint directory, a hub id, a .gguf file, or (None) the bundled SmolLM2 GGUF."""
     dtype = parse_dtype(dtype)
-    if source is None:
-        from .gguf import bundled_gguf_path
-
-        source = bundled_gguf_path()
     path = resolve(source)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -176,9 +177,5 @@ def load(source: str | Path | None = None, dtype: torch.dtype | str = torch.floa
     """(model, tokenizer) from one source; None is the bundled SmolLM2-135M-Instruct GGUF (works offline)."""
     from .tokenizer import Tokenizer
 
-    if source is None:
-        from .gguf import bundled_gguf_path
-
-        source = bundled_gguf_path()
     path = resolve(source)
     return load_model(path, dtype=dtype), Tokenizer.from_pretrained(path)

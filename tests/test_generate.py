@@ -262,3 +262,44 @@ def test_bundled_smollm2_knows_the_capital_of_france(capsys):
                  "--max-new-tokens", "20"]) == 0
     assert "Paris" in capsys.readouterr().out
     print(f"bundled demo: {time.perf_counter() - start:.1f} s")
+
+
+# --- stop strings, repetition penalty, an empty answer ----------------------------------------------------------------
+def test_stop_strings_cut_the_answer_before_the_first_of_them(tiny):
+    model, tok = tiny
+    full = generate_text(model, "the cat sat", tok, max_new_tokens=12, stop_at_eos=False)
+    words = full.split()
+    assert len(words) >= 4
+    stop = " " + words[2]  # the third word of the answer, with its leading space: the answer stops before it
+    cut = generate_text(model, "the cat sat", tok, max_new_tokens=12, stop_at_eos=False, stop=[stop, "never-there"])
+    assert cut == full[: full.index(stop)] and stop not in cut
+    pieces = list(generate(model, "the cat sat", tok, max_new_tokens=12, stop_at_eos=False, stop=[stop]))
+    assert "".join(pieces) == cut  # streamed pieces never show held-back text that later turns out to stop
+    with pytest.raises(msrnn.InputError, match="non-empty strings"):
+        generate_text(model, "the cat sat", tok, stop="x")
+    with pytest.raises(msrnn.InputError, match="need a tokenizer"):
+        list(generate(model, [1, 2, 3], None, stop=["x"]))
+
+
+def test_repetition_penalty_by_hand():
+    from msrnn.generate import penalize_repeats
+
+    greedy = lambda logits: logits.argmax(-1)  # noqa: E731
+    pick = penalize_repeats(greedy, [[0]], vocab=3, penalty=4.0, device="cpu")
+    # token 0 was in the prompt: 2.0 / 4 = 0.5 < 1.5, so token 1 wins; then token 1 is seen too: 1.5 / 4 < 1.0
+    assert pick(torch.tensor([[2.0, 1.5, 1.0]])).item() == 1
+    assert pick(torch.tensor([[2.0, 1.5, 1.0]])).item() == 2
+    pick = penalize_repeats(greedy, [[0]], vocab=2, penalty=2.0, device="cpu")
+    assert pick(torch.tensor([[-1.0, -1.5]])).item() == 1  # negative logits are multiplied: -2 < -1.5
+    with pytest.raises(msrnn.InputError, match="repetition_penalty"):
+        penalize_repeats(greedy, [[0]], vocab=2, penalty=0, device="cpu")
+
+
+def test_cli_says_when_the_answer_is_empty(tiny_dir, tiny, capsys, monkeypatch):
+    model, tok = tiny
+    first = generate_text(model, "the cat sat", tok, max_new_tokens=1, stop_at_eos=False)
+    first_id = tok.encode(first.strip())[0] if first.strip() else None
+    monkeypatch.setattr("msrnn.generate.eos_ids", lambda model, tokenizer=None: [first_id])  # its first pick ends it
+    assert main(["generate", "the cat sat", "--model", str(tiny_dir), "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "\n" and "the answer is empty" in captured.err

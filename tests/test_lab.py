@@ -2,7 +2,6 @@
 
 Each score update is checked by hand on small tensors; gamma = 0 is TOVA exactly on a model; a policy class loaded
 from a file runs through `msrnn eval ppl` like a built-in one; bad files and classes are clear errors."""
-import json
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 import msrnn
 from msrnn.errors import InputError
 from msrnn.policies import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window, make_policy
-from msrnn.rope import effective_positions
 from msrnn.state import EMPTY, LayerState
 from tiny import hf_model, hf_scan, save
 
@@ -157,17 +156,6 @@ def test_no_duplicates_and_the_newest_survives_unless_it_scores_lowest(data):
                 assert {p for p in pos[b, h].tolist() if p < 4} <= set(kept)
             if name in ("h2o", "h2o-layer"):
                 assert {p for p in pos[b, h].tolist() if p > 3 * k - k // 2} <= set(kept)
-
-
-def test_effective_positions_by_hand():
-    pos = torch.tensor([5, 0, 100, -1, 1, 101, 40])  # slot order; -1 is an empty slot
-    assert effective_positions(pos, "absolute")[[0, 1, 2, 4, 5, 6]].tolist() == [5, 0, 100, 1, 101, 40]
-    assert effective_positions(pos, "shift")[[1, 4, 0, 6, 2, 5]].tolist() == [0, 1, 2, 3, 4, 5]
-    ll = effective_positions(pos, "loglog")
-    assert ll[[1, 4, 0]].tolist() == [0, 1, 5]  # gaps <= 10 stay exact
-    gap = ll[6] - ll[0]  # true gap 35 -> 10 + ln ln 35 - ln ln 10
-    assert abs(gap - (10 + torch.tensor(35.).log().log() - torch.tensor(10.).log().log())) < 1e-5
-    assert ll[5] - ll[2] == 1 and ll[2] - ll[6] < 60 - 40  # neighbours stay neighbours, long jumps shrink
 
 
 # --- on tiny models ---------------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""RoPE: frequencies per scaling type (one per token where dynamic scaling needs it) and the position schemes."""
+import torch
+
+from msrnn.config import RopeConfig
+from msrnn.rope import cos_sin, effective_positions, inv_frequencies
+
+
+def test_effective_positions_by_hand():
+    pos = torch.tensor([5, 0, 100, -1, 1, 101, 40])  # slot order; -1 is an empty slot
+    assert effective_positions(pos, "absolute")[[0, 1, 2, 4, 5, 6]].tolist() == [5, 0, 100, 1, 101, 40]
+    assert effective_positions(pos, "shift")[[1, 4, 0, 6, 2, 5]].tolist() == [0, 1, 2, 3, 4, 5]
+    ll = effective_positions(pos, "loglog")
+    assert ll[[1, 4, 0]].tolist() == [0, 1, 5]  # gaps <= 10 stay exact
+    gap = ll[6] - ll[0]  # true gap 35 -> 10 + ln ln 35 - ln ln 10
+    assert abs(gap - (10 + torch.tensor(35.).log().log() - torch.tensor(10.).log().log())) < 1e-5
+    assert ll[5] - ll[2] == 1 and ll[2] - ll[6] < 60 - 40  # neighbours stay neighbours, long jumps shrink
+
+
+def test_per_token_lengths_give_each_token_the_frequencies_of_its_own_step():
+    """The recurrence rotates token t with the frequencies of a call of length t + 1 (dynamic scaling grows them
+    past the trained length); a chunk asks for all of them at once and must get exactly those."""
+    rope = RopeConfig(type="dynamic", theta=10000.0, factor=2.0)
+    lengths = torch.tensor([15, 16, 17, 20])  # max_position_embeddings 16: the first two are not scaled
+    table = inv_frequencies(rope, 8, 16, lengths)
+    assert table.shape == (4, 4)
+    for row, n in zip(table, lengths.tolist()):
+        assert torch.equal(row, inv_frequencies(rope, 8, 16, n))
+    assert torch.equal(table[0], table[1]) and not torch.equal(table[1], table[2])
+    same = inv_frequencies(rope, 8, 16, torch.tensor([3, 9, 16]))  # nothing scaled: one row for all
+    assert same.shape == (4,) and torch.equal(same, inv_frequencies(rope, 8, 16, 0))
+    default = RopeConfig(type="default", theta=10000.0)
+    assert inv_frequencies(default, 8, 16, lengths).shape == (4,)  # only dynamic scaling depends on the length
+    cos, _ = cos_sin(torch.tensor([[15, 16, 17, 20]]), table, torch.float32)  # (B, T) with (T, hd/2) -> (B, T, hd)
+    assert cos.shape == (1, 4, 8)
+    assert torch.equal(cos[0, 2], cos_sin(torch.tensor([17]), table[2], torch.float32)[0][0])
