@@ -150,89 +150,118 @@ class HFRunner:
         return timed(self.decoder(position, steps), 3) / steps * 1000
 
 
-def run_bench(model, source: Path | None, policy_name="tova", states=256, positions=(16, 512, 2000),
-              bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
-              budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
-              rounds=5, progress=True):
-    """All measurements as one dict (see the module docstring)."""
-    from tqdm import tqdm
+class Bench:
+    """The measurements of `msrnn bench`, one method per phase, each writing its part of `res` (module docstring).
+    The floor is timed beside every contender (it drifts with them); transformers' full cache is held at the
+    longest unbounded position, which is what the bounded state is compared against."""
 
-    policy = make_policy(policy_name, states)
-    res = {"dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-           "policy": policy_name, "states": states, "steps": steps, "rounds": rounds,
-           "cpu": torch.backends.cpu.get_cpu_capability()}
-    hf = None
-    phases = (["load transformers"] if compare else []) + ["decode full", "decode bounded", "prefill", "throughput"]
-    phases += (["stream"] if stream_tokens else []) + (["fp32 agreement"] if model.dtype != torch.float32 else [])
-    floor = floor_chain(model)
-    floors = []  # the floor is timed beside every contender, so it drifts with them
-    hf_at = max(positions)  # transformers' full cache at the longest position: what the bounded state is held against
-    bar = tqdm(phases, desc="bench", disable=not progress)
-    for phase in bar:
-        bar.set_postfix_str(phase)
-        if phase == "load transformers":
-            try:
-                hf = HFRunner(source, model.dtype)
-            except ImportError:
-                res["transformers"] = "not installed"
-        elif phase == "decode full":
-            res["msrnn_full_ms"], res["hf_full_ms"] = {}, {}
-            for p in positions:
-                runs = {"floor": floor, "msrnn": msrnn_decoder(model, None, p, steps)}
-                if hf is not None:
-                    runs["hf"] = hf.decoder(p, steps)
-                t = side_by_side(runs, rounds)
-                floors.append(t["floor"] * 1000)
-                res["msrnn_full_ms"][p] = t["msrnn"] / steps * 1000
-                if hf is not None:
-                    res["hf_full_ms"][p] = t["hf"] / steps * 1000
-        elif phase == "decode bounded":
-            res["msrnn_bounded_ms"], res["hf_full_at_ms"] = {}, {}
-            hf_ref = hf.decoder(hf_at, steps) if hf is not None else None
-            for q in bounded_positions:
-                runs = {"floor": floor, "msrnn": msrnn_decoder(model, policy, q, steps)}
-                if hf_ref is not None:
-                    runs["hf"] = hf_ref
-                t = side_by_side(runs, rounds)
-                floors.append(t["floor"] * 1000)
-                res["msrnn_bounded_ms"][q] = t["msrnn"] / steps * 1000
-                if hf_ref is not None:
-                    res["hf_full_at_ms"][q] = t["hf"] / steps * 1000  # transformers at hf_at, timed beside q
-        elif phase == "prefill":
-            toks = torch.randint(0, model.cfg.vocab_size, (1, prefill_tokens))
-            runs = {"msrnn": lambda: model(toks)}
-            if hf is not None:
-                runs["hf"] = torch.inference_mode()(lambda: hf.model(toks))
-            t = side_by_side(runs, max(2, rounds // 2))
-            res["msrnn_prefill_s"] = t["msrnn"]
-            if hf is not None:
-                res["hf_prefill_s"] = t["hf"]
-        elif phase == "throughput":
-            rows = []
-            for k in budget_states:
-                batch = max(1, budget_context // k)
-                pol = None if k >= budget_context else make_policy(policy_name, k)
-                ms = timed(msrnn_decoder(model, pol, budget_context, steps, batch=batch), 3) / steps * 1000
-                rows.append({"states": k, "batch": batch, "ms_per_step": ms, "tokens_per_s": batch / ms * 1000})
-            full = next(r for r in rows if r["states"] >= budget_context)
-            for r in rows:
-                r["ratio_to_full"] = r["tokens_per_s"] / full["tokens_per_s"]
-            res["throughput"] = rows
-        elif phase == "stream":
-            res["stream"] = stream_memory(model, make_policy(policy_name, stream_states), stream_tokens,
-                                          progress=progress)
-            res["stream"]["states"] = stream_states
-        elif phase == "fp32 agreement":
-            res["fp32_agreement"] = agreement_with_fp32(model, source)
-        res.setdefault("peak_rss_mb", {})[phase] = peak_rss_mib()
-    res["floor_ms"] = statistics.median(floors)
-    res["floor_ms_range"] = [min(floors), max(floors)]
-    if res.get("hf_full_ms"):
-        res["ratio_full"] = {p: res["msrnn_full_ms"][p] / res["hf_full_ms"][p] for p in positions}
-        res["ratio_bounded_vs_hf_full"] = {q: res["msrnn_bounded_ms"][q] / res["hf_full_at_ms"][q]
-                                           for q in bounded_positions}
-        res["hf_full_at"] = hf_at
-    return res
+    def __init__(self, model, source: Path | None, policy_name="tova", states=256, positions=(16, 512, 2000),
+                 bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
+                 budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
+                 rounds=5, progress=True):
+        self.model, self.source, self.policy_name, self.progress = model, source, policy_name, progress
+        self.policy = make_policy(policy_name, states)
+        self.positions, self.bounded_positions, self.steps, self.rounds = positions, bounded_positions, steps, rounds
+        self.prefill_tokens, self.budget_context, self.budget_states = prefill_tokens, budget_context, budget_states
+        self.stream_tokens, self.stream_states = stream_tokens, stream_states
+        self.hf, self.floor, self.floors = None, floor_chain(model), []
+        self.res = {"dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                    "policy": policy_name, "states": states, "steps": steps, "rounds": rounds,
+                    "cpu": torch.backends.cpu.get_cpu_capability()}
+        self.phases = ([self.load_transformers] if compare else []) + [
+            self.decode_full, self.decode_bounded, self.prefill, self.throughput]
+        self.phases += ([self.stream] if stream_tokens else []) + (
+            [self.fp32_agreement] if model.dtype != torch.float32 else [])
+
+    def run(self) -> dict:
+        from .report import progress
+
+        with progress(len(self.phases), "bench", unit="phase", disable=not self.progress) as bar:
+            for phase in self.phases:
+                bar.set_postfix_str(phase.__name__)
+                phase()
+                self.res.setdefault("peak_rss_mb", {})[phase.__name__.replace("_", " ")] = peak_rss_mib()
+                bar.update(1)
+        res = self.res
+        res["floor_ms"] = statistics.median(self.floors)
+        res["floor_ms_range"] = [min(self.floors), max(self.floors)]
+        if res.get("hf_full_ms"):
+            res["ratio_full"] = {p: res["msrnn_full_ms"][p] / res["hf_full_ms"][p] for p in self.positions}
+            res["ratio_bounded_vs_hf_full"] = {q: res["msrnn_bounded_ms"][q] / res["hf_full_at_ms"][q]
+                                               for q in self.bounded_positions}
+            res["hf_full_at"] = max(self.positions)
+        return res
+
+    def _ms(self, runs: dict) -> dict:
+        """Seconds per step of each run, timed in turn; the floor's time is kept for the report."""
+        t = side_by_side({"floor": self.floor, **runs}, self.rounds)
+        self.floors.append(t["floor"] * 1000)
+        return {name: t[name] / self.steps * 1000 for name in runs}
+
+    def load_transformers(self) -> None:
+        try:
+            self.hf = HFRunner(self.source, self.model.dtype)
+        except ImportError:
+            self.res["transformers"] = "not installed"
+
+    def decode_full(self) -> None:
+        full, hf = self.res.setdefault("msrnn_full_ms", {}), self.res.setdefault("hf_full_ms", {})
+        for p in self.positions:
+            runs = {"msrnn": msrnn_decoder(self.model, None, p, self.steps)}
+            if self.hf is not None:
+                runs["hf"] = self.hf.decoder(p, self.steps)
+            ms = self._ms(runs)
+            full[p] = ms["msrnn"]
+            if self.hf is not None:
+                hf[p] = ms["hf"]
+
+    def decode_bounded(self) -> None:
+        bounded, hf = self.res.setdefault("msrnn_bounded_ms", {}), self.res.setdefault("hf_full_at_ms", {})
+        hf_ref = self.hf.decoder(max(self.positions), self.steps) if self.hf is not None else None
+        for q in self.bounded_positions:
+            runs = {"msrnn": msrnn_decoder(self.model, self.policy, q, self.steps)}
+            if hf_ref is not None:
+                runs["hf"] = hf_ref
+            ms = self._ms(runs)
+            bounded[q] = ms["msrnn"]
+            if hf_ref is not None:
+                hf[q] = ms["hf"]  # transformers at the longest unbounded position, timed beside q
+
+    def prefill(self) -> None:
+        toks = torch.randint(0, self.model.cfg.vocab_size, (1, self.prefill_tokens))
+        runs = {"msrnn": lambda: self.model(toks)}
+        if self.hf is not None:
+            runs["hf"] = torch.inference_mode()(lambda: self.hf.model(toks))
+        t = side_by_side(runs, max(2, self.rounds // 2))
+        self.res["msrnn_prefill_s"] = t["msrnn"]
+        if self.hf is not None:
+            self.res["hf_prefill_s"] = t["hf"]
+
+    def throughput(self) -> None:
+        rows = []
+        for k in self.budget_states:
+            batch = max(1, self.budget_context // k)
+            pol = None if k >= self.budget_context else make_policy(self.policy_name, k)
+            ms = timed(msrnn_decoder(self.model, pol, self.budget_context, self.steps, batch=batch), 3)
+            ms = ms / self.steps * 1000
+            rows.append({"states": k, "batch": batch, "ms_per_step": ms, "tokens_per_s": batch / ms * 1000})
+        full = next(r for r in rows if r["states"] >= self.budget_context)
+        for r in rows:
+            r["ratio_to_full"] = r["tokens_per_s"] / full["tokens_per_s"]
+        self.res["throughput"] = rows
+
+    def stream(self) -> None:
+        self.res["stream"] = stream_memory(self.model, make_policy(self.policy_name, self.stream_states),
+                                           self.stream_tokens, progress=self.progress)
+        self.res["stream"]["states"] = self.stream_states
+
+    def fp32_agreement(self) -> None:
+        self.res["fp32_agreement"] = agreement_with_fp32(self.model, self.source)
+
+
+def run_bench(model, source: Path | None, **settings) -> dict:
+    """All measurements as one dict (see Bench and the module docstring)."""
+    return Bench(model, source, **settings).run()
 
 
 def report(res: dict) -> str:
