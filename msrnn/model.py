@@ -16,7 +16,6 @@ G = H / Hkv query heads per kv head, hd head dim, S states held by a layer after
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -346,11 +345,3 @@ class Transformer(nn.Module):
         if state.rope_at_use != (getattr(policy, "positions", "absolute") != "absolute"):
             raise InputError("this state caches keys for another position scheme than the policy's; make the state "
                              "with model.init_state(batch_size, policy) for the policy you step with.")
-
-    # --- loading ------------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, source: str | Path, dtype: torch.dtype | str = torch.float32, **kwargs) -> "Transformer":
-        """A local checkpoint directory (config.json + safetensors), a hub id, or a .gguf file. See weights.py."""
-        from .weights import load_model
-
-        return load_model(source, dtype=dtype, **kwargs)

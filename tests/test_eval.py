@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    return msrnn.Transformer.from_pretrained(checkpoint)
+    return msrnn.load_model(checkpoint)
 
 
 @pytest.fixture(scope="module")

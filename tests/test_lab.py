@@ -55,7 +55,7 @@ def test_sink_and_recent_variants_protect_what_they_say():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return msrnn.Transformer.from_pretrained(save(hf_model(seed=5), tmp_path_factory.mktemp("lab")))
+    return msrnn.load_model(save(hf_model(seed=5), tmp_path_factory.mktemp("lab")))
 
 
 def run(model, policy, tokens, mode="exact"):

@@ -27,7 +27,7 @@ def ckpt():
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    return msrnn.Transformer.from_pretrained(ckpt[0])
+    return msrnn.load_model(ckpt[0])
 
 
 def test_step_updates_the_state_in_place_and_fork_keeps_the_old_one(model):
@@ -66,8 +66,8 @@ def test_prefill_then_step_continues_the_same_sequence(model):
 
 
 def test_bfloat16_runs_and_stays_close(ckpt):
-    m32 = msrnn.Transformer.from_pretrained(ckpt[0])
-    m16 = msrnn.Transformer.from_pretrained(ckpt[0], dtype="bf16")
+    m32 = msrnn.load_model(ckpt[0])
+    m16 = msrnn.load_model(ckpt[0], dtype="bf16")
     assert m16.dtype == torch.bfloat16 and m16.init_state(1).layers[0].keys.dtype == torch.bfloat16
     tokens = torch.randint(0, 97, (1, 10))
     a, b = m32(tokens), m16(tokens)
@@ -121,7 +121,7 @@ def test_config_errors(ckpt, tmp_path):
                             "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (old.rope.type, old.rope.theta, old.rope.factor) == ("linear", 5e5, 2.0)
     with pytest.raises(ConfigError, match="rope type 'yarn'"):  # the loader surfaces it as is
-        msrnn.Transformer.from_pretrained(_edit_config(ckpt[0], tmp_path / "yarn",
+        msrnn.load_model(_edit_config(ckpt[0], tmp_path / "yarn",
                                                         rope_parameters={"rope_type": "yarn", "factor": 2.0}))
 
 
@@ -133,30 +133,30 @@ def test_checkpoint_errors(ckpt, tmp_path):
     shutil.copytree(ckpt[0], missing)
     save_file({k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k}, str(missing / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing 1 tensor.*model.layers.1.mlp.up_proj.weight"):
-        msrnn.Transformer.from_pretrained(missing)
+        msrnn.load_model(missing)
     extra = tmp_path / "extra"
     shutil.copytree(ckpt[0], extra)
     save_file({**sd, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}, str(extra / "model.safetensors"))
     with pytest.raises(CheckpointError, match="unexpected.*q_norm"):
-        msrnn.Transformer.from_pretrained(extra)
+        msrnn.load_model(extra)
     shape = _edit_config(ckpt[0], tmp_path / "shape", intermediate_size=50)
     with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight has shape \(48, 32\).*\(50, 32\)"):
-        msrnn.Transformer.from_pretrained(shape)
+        msrnn.load_model(shape)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(ckpt[0] / "config.json", pickled)
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02not really")
     with pytest.raises(CheckpointError, match="never unpickles.*safe_serialization=True"):
-        msrnn.Transformer.from_pretrained(pickled)
+        msrnn.load_model(pickled)
     with pytest.raises(CheckpointError, match="never unpickles"):
-        msrnn.Transformer.from_pretrained(pickled / "pytorch_model.bin")
+        msrnn.load_model(pickled / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="does not exist"):
-        msrnn.Transformer.from_pretrained(tmp_path / "nowhere")
+        msrnn.load_model(tmp_path / "nowhere")
     (tmp_path / "noconfig").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
-        msrnn.Transformer.from_pretrained(tmp_path / "noconfig")
+        msrnn.load_model(tmp_path / "noconfig")
     with pytest.raises(CheckpointError, match="dtype"):
-        msrnn.Transformer.from_pretrained(ckpt[0], dtype="float16")
+        msrnn.load_model(ckpt[0], dtype="float16")
 
 
 def test_tied_checkpoint_that_also_stores_lm_head_loads(ckpt, tmp_path):
@@ -166,7 +166,7 @@ def test_tied_checkpoint_that_also_stores_lm_head_loads(ckpt, tmp_path):
     shutil.copytree(ckpt[0], d)
     sd = load_file(str(d / "model.safetensors"))
     save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, str(d / "model.safetensors"))
-    m = msrnn.Transformer.from_pretrained(d)
+    m = msrnn.load_model(d)
     tokens = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         assert (m(tokens) - ckpt[1](tokens).logits).abs().max() <= TOL
@@ -185,18 +185,18 @@ def test_hub_id_resolves_from_the_local_cache_offline(ckpt, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    m = msrnn.Transformer.from_pretrained("tiny-org/tiny-llama")
+    m = msrnn.load_model("tiny-org/tiny-llama")
     tokens = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         assert (m(tokens) - ckpt[1](tokens).logits).abs().max() <= TOL
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
-        msrnn.Transformer.from_pretrained("tiny-org/not-cached")
+        msrnn.load_model("tiny-org/not-cached")
 
 
 def test_bounded_state_on_a_mistral_window_model_keeps_matching(tmp_path):
     """A Mistral sliding window and a policy compose: the window masks by position, the policy bounds memory."""
     hf = hf_model("mistral", seed=2, sliding_window=4)
-    m = msrnn.Transformer.from_pretrained(save(hf, tmp_path / "m"))
+    m = msrnn.load_model(save(hf, tmp_path / "m"))
     tokens = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         ref = hf(tokens).logits

@@ -57,7 +57,7 @@ def test_logits_equal_transformers(case, seed):
     model_type, cfg, batch, length, shard = case
     hf = hf_model(model_type, seed=seed, **cfg)
     with tempfile.TemporaryDirectory() as d:
-        model = msrnn.Transformer.from_pretrained(save(hf, d, shard))
+        model = msrnn.load_model(save(hf, d, shard))
     tokens = torch.randint(0, hf.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -90,7 +90,7 @@ def test_dynamic_rope_recurrence_differs_from_parallel_past_the_trained_length()
     cfg = dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}, max_position_embeddings=8)
     hf = hf_model(**cfg)
     with tempfile.TemporaryDirectory() as d:
-        model = msrnn.Transformer.from_pretrained(save(hf, d))
+        model = msrnn.load_model(save(hf, d))
     tokens = torch.randint(0, 97, (1, 24))
     logits, _ = model.prefill(tokens, mode="exact", all_logits=True)  # unbounded: one parallel call
     state, scan = model.init_state(1), []

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import msrnn
 from msrnn.errors import InputError
 from msrnn.policies import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window, make_policy
-from msrnn.state import EMPTY, LayerState
+from msrnn.state import LayerState
 from tiny import hf_model, hf_scan, save
 
 TOL = 1e-5
@@ -26,7 +26,7 @@ def layer_state(pos: torch.Tensor, hd: int = 2) -> LayerState:
 def tiny(model_type="llama", **cfg):
     hf = hf_model(model_type, **cfg)
     with tempfile.TemporaryDirectory() as d:
-        return hf, msrnn.Transformer.from_pretrained(save(hf, d))
+        return hf, msrnn.load_model(save(hf, d))
 
 
 def scan(model, tokens, policy):

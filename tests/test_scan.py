@@ -64,7 +64,7 @@ def cases(draw):
 def test_layer_major_equals_token_major(case, seed):
     model_type, cfg, T, members, rows, cuts = case
     with tempfile.TemporaryDirectory() as d:
-        model = msrnn.Transformer.from_pretrained(save(hf_model(model_type, seed=seed, **cfg), d))
+        model = msrnn.load_model(save(hf_model(model_type, seed=seed, **cfg), d))
     policy = members[0] if len(members) == 1 and rows == 1 else RowPolicies(members, rows)
     B = len(members) * rows
     tokens = torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
@@ -94,7 +94,7 @@ class LooksAcrossLayers(Policy):
 
 def test_a_policy_that_is_not_layer_local_is_stepped_token_by_token():
     with tempfile.TemporaryDirectory() as d:
-        model = msrnn.Transformer.from_pretrained(save(hf_model(num_hidden_layers=2), d))
+        model = msrnn.load_model(save(hf_model(num_hidden_layers=2), d))
     tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(0))
     policy = LooksAcrossLayers(5)
     seen = []
@@ -110,7 +110,7 @@ def test_a_state_continued_under_a_smaller_budget_drops_to_it_at_once():
     """A state that holds more than k (an unbounded prefix) evicts down to k at the first scanned token, as a step
     would (keep the top k of what the first query attends to)."""
     with tempfile.TemporaryDirectory() as d:
-        model = msrnn.Transformer.from_pretrained(save(hf_model(), d))
+        model = msrnn.load_model(save(hf_model(), d))
     tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     tova = make_policy("tova", 4)
     scanned, steps = model.prefill(tokens[:, :12])[1], model.prefill(tokens[:, :12])[1]  # 12 states, unbounded

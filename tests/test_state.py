@@ -18,8 +18,8 @@ def models(tmp_path_factory):
     a = save(hf_model(seed=0), root / "model-a")
     b = save(hf_model(seed=1), root / "model-b")
     c = save(hf_model(seed=0, num_hidden_layers=3), root / "model-c")
-    return {"a": msrnn.Transformer.from_pretrained(a), "b": msrnn.Transformer.from_pretrained(b),
-            "c": msrnn.Transformer.from_pretrained(c), "a-bf16": msrnn.Transformer.from_pretrained(a, dtype="bf16")}
+    return {"a": msrnn.load_model(a), "b": msrnn.load_model(b),
+            "c": msrnn.load_model(c), "a-bf16": msrnn.load_model(a, dtype="bf16")}
 
 
 def feed(model, tokens, state, policy):
