@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .errors import InputError
-from .policies import Policy
+from .policies import Policy, check_priority
 
 
 class RowPolicies(Policy):
@@ -54,8 +54,8 @@ class RowPolicies(Policy):
         return out
 
     def priority(self, attn, pos, score):
-        return torch.cat([m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]).float()
-                          .expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
+        return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]),
+                                         pos[a:b]).expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 
     def __repr__(self) -> str:
         return f"RowPolicies({self.members!r}, rows={self.rows})"

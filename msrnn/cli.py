@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example:\n  msrnn generate --chat "What is the capital of France?" --policy tova --states 64\n'
                "run `msrnn COMMAND --help` for each command's options.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (msrnn --debug CMD)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(args, lambda: load_model_and_tokenizer(args))
     except MsrnnError as e:
+        if args.debug:
+            raise
         parser.exit(2, f"msrnn: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "\n")

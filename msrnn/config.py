@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        """Build from a Hugging Face config.json dict (old `rope_scaling` or new `rope_parameters` style)."""
+        """Build from a Hugging Face config.json dict (old `rope_scaling` or new `rope_parameters` style). Every field
+        is type- and range-checked here, once, so that nothing downstream meets a zero, a NaN or a string."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json must hold a JSON object (a dict of settings), got {type(d).__name__}.")
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(
@@ -69,42 +73,49 @@ class Config:
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported: Llama/Mistral use 'silu'.")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(d.get(key), int) or d[key] < 1:
-                raise ConfigError(f"config.json needs a positive integer {key!r}, got {d.get(key)!r}.")
-        heads = d["num_attention_heads"]
-        kv_heads = d.get("num_key_value_heads") or heads
+        sizes = {key: _int(d, key, hi) for key, hi in LIMITS.items()}
+        heads = sizes["num_attention_heads"]
+        kv_heads = _int(d, "num_key_value_heads", heads, default=heads)
         if heads % kv_heads:
             raise ConfigError(
                 f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}; "
                 "grouped-query attention needs every kv head to serve the same number of query heads."
             )
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        head_dim = _int(d, "head_dim", 4096, default=sizes["hidden_size"] // heads or None)
         if head_dim % 2:
             raise ConfigError(f"head_dim={head_dim} must be even: RoPE rotates pairs of dimensions.")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError("pretraining_tp > 1 is not supported; re-save the checkpoint with pretraining_tp=1.")
         eos = d.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        vocab = sizes["vocab_size"]
+        bos = d.get("bos_token_id")
+        for name, ids in (("eos_token_id", eos), ("bos_token_id", () if bos is None else (bos,))):
+            if not all(_is_int(i) and 0 <= i < vocab for i in ids):
+                raise ConfigError(f"{name} {ids if len(ids) != 1 else ids[0]!r} is not a token id of a vocabulary of "
+                                  f"{vocab}; fix config.json (ids in 0..{vocab - 1}, or null).")
         window = d.get("sliding_window") if model_type == "mistral" else None
-        if window is not None and (not isinstance(window, int) or window < 1):
+        if window is not None and (not _is_int(window) or window < 1):
             raise ConfigError(f"sliding_window must be a positive integer or null, got {window!r}.")
+        eps = _float(d, "rms_norm_eps", 1e-6)
+        if not 0 < eps < 1:
+            raise ConfigError(f"rms_norm_eps={eps} must be in (0, 1): RMSNorm divides by sqrt(mean(x^2) + eps).")
         return cls(
             model_type=model_type,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
+            vocab_size=vocab,
+            hidden_size=sizes["hidden_size"],
+            intermediate_size=sizes["intermediate_size"],
+            num_hidden_layers=sizes["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            rms_norm_eps=eps,
+            max_position_embeddings=_int(d, "max_position_embeddings", 2**24, default=2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=window,
-            bos_token_id=d.get("bos_token_id"),
+            bos_token_id=bos,
             eos_token_id=eos,
             rope=_rope_from_dict(d),
         )
@@ -119,6 +130,35 @@ class Config:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}).") from None
         return cls.from_dict(d)
+
+
+# Upper bounds far above any real checkpoint (Llama-3-405B: 126 layers, 16,384 wide, 128k vocabulary): a config
+# past them is corrupt or hostile, and is refused before anything of that size is allocated.
+LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**19, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int(d: dict, key: str, hi: int, default=None) -> int:
+    """A positive integer setting <= hi (a missing or null one takes `default`, if there is one)."""
+    value = d.get(key)
+    if value is None and default is not None:
+        return default
+    if not _is_int(value) or not 1 <= value <= hi:
+        raise ConfigError(f"config.json needs {key!r} as an integer in 1..{hi:,}, got {value!r}; the checkpoint's "
+                          "config is damaged or not a Llama/Mistral config.")
+    return value
+
+
+def _float(d: dict, key: str, default: float, source: dict | None = None) -> float:
+    """A finite number setting (JSON numbers only: "1e-5" as a string is refused, not guessed)."""
+    value = (source if source is not None else d).get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"config.json needs {key!r} as a finite number, got {value!r}.")
+    return float(value)
 
 
 def _rope_from_dict(d: dict) -> RopeConfig:
@@ -136,21 +176,26 @@ def _rope_from_dict(d: dict) -> RopeConfig:
         raise ConfigError(
             f"rope type {rope_type!r} is not supported: msrnn implements {', '.join(ROPE_TYPES)}."
         )
-    factor = float(params.get("factor", 1.0))
+    factor = _float(d, "factor", 1.0, source=params)
     if rope_type != "default" and factor < 1.0:
         raise ConfigError(f"rope scaling factor must be >= 1, got {factor}.")
+    theta = _float(d, "rope_theta", d.get("rope_theta", 10000.0), source=params)
+    if theta <= 1:
+        raise ConfigError(f"rope_theta={theta} must be > 1: it is the base of RoPE's wavelengths (10000 typical).")
     original = params.get("original_max_position_embeddings")
     if rope_type == "llama3":
         for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in params:
                 raise ConfigError(f"llama3 rope scaling needs {key!r} in rope_scaling / rope_parameters.")
-        if params["high_freq_factor"] <= params["low_freq_factor"]:
+        if _float(d, "high_freq_factor", 4.0, params) <= _float(d, "low_freq_factor", 1.0, params):
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor.")
+        if not _is_int(original) or original < 1:
+            raise ConfigError(f"original_max_position_embeddings must be a positive integer, got {original!r}.")
     return RopeConfig(
-        theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
+        theta=theta,
         type=rope_type,
         factor=factor,
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original) if original is not None else None,
+        low_freq_factor=_float(d, "low_freq_factor", 1.0, params),
+        high_freq_factor=_float(d, "high_freq_factor", 4.0, params),
+        original_max_position_embeddings=original if rope_type == "llama3" else None,
     )

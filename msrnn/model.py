@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import InputError
-from .policies import Policy
+from .policies import Policy, check_priority
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate
 from .state import EMPTY, INF, State
 
@@ -89,8 +89,9 @@ class Block(nn.Module):
         if bounded and policy.keeps_score and first:
             layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], probs.reshape(B, H, first, S))
         if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
-            layer_state.keep_top(policy.priority(probs.reshape(B, H, T, S)[:, :, -1], layer_state.pos[:, :, :S],
-                                                 layer_state.score[:, :, :S]), policy.budget())
+            kpos = layer_state.pos[:, :, :S]
+            prio = policy.priority(probs.reshape(B, H, T, S)[:, :, -1], kpos, layer_state.score[:, :, :S])
+            layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
         if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
             layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
         if first < T:  # the recurrence: attend, then evict, one token at a time
@@ -172,7 +173,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
         score = layer_state.score[:, :, :S]
         if policy.keeps_score:
             layer_state.score[:, :, :S] = score = policy.update(score, attn[:, :, None])
-        prio = policy.priority(attn, pos, score)
+        prio = check_priority(policy, policy.priority(attn, pos, score), pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
             if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)
@@ -227,7 +228,8 @@ class Transformer(nn.Module):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         states = getattr(policy, "states", None)
-        capacity = states + 2 if states is not None else 64  # k + the incoming token + a spare slot
+        # k + the incoming token + a spare slot; a budget beyond the trained context starts there and grows as needed
+        capacity = min(states, cfg.max_position_embeddings) + 2 if states is not None else 64
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
         rope_at_use = getattr(policy, "positions", "absolute") != "absolute"
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,

@@ -69,6 +69,26 @@ class Policy:
         return f"{type(self).__name__}(states={self.states})"
 
 
+def check_priority(policy: Policy, prio, pos: torch.Tensor, nan: bool = False):
+    """prio as `policy` returned it, if it has the contract's shape (B, 1 or Hkv, n) and a float dtype (and, with
+    nan=True, no NaN); otherwise one InputError that names the policy."""
+    B, Hkv, n = pos.shape
+    if not isinstance(prio, torch.Tensor) or not prio.is_floating_point() or prio.dim() != 3 or \
+            prio.shape[0] != B or prio.shape[1] not in (1, Hkv) or prio.shape[2] != n:
+        got = f"{prio.dtype} {tuple(prio.shape)}" if isinstance(prio, torch.Tensor) else type(prio).__name__
+        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.priority) returned {got}; a priority is a "
+                         f"float tensor of shape (B, 1, n) or (B, Hkv, n), here ({B}, 1 or {Hkv}, {n}) "
+                         "(docs/policies.md).")
+    if nan and bool(prio.isnan().any()):
+        row = int(prio.isnan().flatten(1).any(1).nonzero()[0])
+        for member, first, end in getattr(policy, "blocks", ()):  # rows of several policies: name the culprit
+            if first <= row < end:
+                policy = member
+        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.priority) returned NaN priorities; "
+                         "a NaN cannot be ranked (look for 0/0 or log(0) in the policy).")
+    return prio
+
+
 def per_kv_head(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """(B, H, ...) -> (B, Hkv, G, ...): each kv head's group of query heads."""
     return attn.view(attn.shape[0], kv_heads, -1, *attn.shape[2:])

@@ -240,11 +240,46 @@ class State:
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except (KeyError, json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error types
             raise InputError(f"{path} is not a msrnn state file ({type(e).__name__}: {e}).") from None
-        layers = []
-        for i in range(header["num_layers"]):
-            k, v, p, s = (t[f"layers.{i}.{name}"] for name in ("keys", "values", "pos", "score"))
-            layers.append(LayerState(k, v, p, s, size=k.shape[2]))
-        return cls(layers, t["next_pos"], header["rope_at_use"], header["meta"])
+        try:
+            layers = [LayerState(*(t[f"layers.{i}.{name}"] for name in ("keys", "values", "pos", "score")))
+                      for i in range(int(header["num_layers"]))]
+            state = cls(layers, t["next_pos"], bool(header["rope_at_use"]), dict(header["meta"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path} is not a complete msrnn state file (missing {e}); save it again.") from None
+        problem = state._problem()
+        if problem:
+            raise InputError(f"{path} is damaged: {problem}. Save the state again with state.save(path).")
+        for layer in state.layers:
+            layer.size = layer.keys.shape[2]
+            layer.maybe_empty = bool((layer.pos == EMPTY).any())
+        return state
+
+    def _problem(self) -> str | None:
+        """What is wrong with a loaded state, if anything: shapes, dtypes, positions of every layer."""
+        nxt = self.next_pos
+        if nxt.dim() != 1 or nxt.dtype != torch.int64 or bool((nxt < 0).any()):
+            return f"next_pos must be non-negative int64 of shape (batch,), got {nxt.dtype} {tuple(nxt.shape)}"
+        if not self.layers:
+            return "it holds no layer"
+        B, (Hkv, hd) = nxt.shape[0], (self.layers[0].keys.shape[1], self.layers[0].keys.shape[-1])
+        for i, layer in enumerate(self.layers):
+            k, v, pos, score = layer.keys, layer.values, layer.pos, layer.score
+            n = k.shape[2] if k.dim() == 4 else -1
+            if k.dim() != 4 or k.shape != (B, Hkv, n, hd) or v.shape != k.shape:
+                return f"layer {i}'s keys/values have shapes {tuple(k.shape)}/{tuple(v.shape)}, not ({B}, {Hkv}, n, {hd})"
+            if pos.shape != (B, Hkv, n) or score.shape != (B, Hkv, n):
+                return f"layer {i}'s positions/scores have shapes {tuple(pos.shape)}/{tuple(score.shape)}, not ({B}, {Hkv}, {n})"
+            if not k.is_floating_point() or v.dtype != k.dtype or pos.dtype != torch.int64 or score.dtype != torch.float32:
+                return f"layer {i} holds {k.dtype}/{v.dtype} keys/values, {pos.dtype} positions, {score.dtype} scores"
+            held = pos != EMPTY
+            if bool((held & ((pos < 0) | (pos >= nxt[:, None, None]))).any()):
+                return f"layer {i} holds positions outside 0..next_pos-1 (or below -1)"
+            ordered = pos.masked_fill(~held, -1).sort(dim=-1).values  # duplicates are neighbours once sorted
+            if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != EMPTY)).any()):
+                return f"layer {i} holds the same position twice"
+            if not bool(torch.isfinite(k).all() and torch.isfinite(v).all()):
+                return f"layer {i} holds keys or values that are not finite"
+        return None
 
 
 def _stack_layers(rows: list[LayerState]) -> LayerState:

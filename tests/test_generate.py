@@ -303,3 +303,8 @@ def test_cli_says_when_the_answer_is_empty(tiny_dir, tiny, capsys, monkeypatch):
     assert main(["generate", "the cat sat", "--model", str(tiny_dir), "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "\n" and "the answer is empty" in captured.err
+
+
+def test_debug_shows_the_traceback_of_an_msrnn_error():
+    with pytest.raises(msrnn.CheckpointError, match="does not exist"):
+        main(["--debug", "info", "--model", "/no/such/checkpoint"])

@@ -125,6 +125,37 @@ def test_config_errors(ckpt, tmp_path):
                                                         rope_parameters={"rope_type": "yarn", "factor": 2.0}))
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"num_hidden_layers": 2**31}, "num_hidden_layers"),  # a 650-byte config must not allocate 2**31 layers
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"hidden_size": "64"}, "hidden_size"),  # numbers as strings are refused, not guessed
+    ({"vocab_size": True}, "vocab_size"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"head_dim": 7}, "even"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "abc", "rope_theta": 1e4}}, "factor"),
+    ({"eos_token_id": 10**6}, "eos_token_id"),
+    ({"bos_token_id": "x"}, "bos_token_id"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings"),
+])
+def test_config_values_are_checked_once_at_the_boundary(ckpt, edit, message):
+    base = json.loads((ckpt[0] / "config.json").read_text())
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({**base, **edit})
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"llama"', "{broken"])
+def test_a_config_that_is_not_an_object_is_a_config_error(ckpt, tmp_path, text):
+    directory = _edit_config(ckpt[0], tmp_path / "bad")
+    (directory / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="config"):
+        msrnn.load_model(directory)
+
+
 def test_checkpoint_errors(ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import msrnn
 from msrnn.errors import InputError
-from msrnn.policies import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window, make_policy
+from msrnn.policies import H2O, TOVA, Baseline, H2OLayer, Policy, Sinks, TOVAHead, Window, make_policy
 from msrnn.state import LayerState
 from tiny import hf_model, hf_scan, save
 
@@ -278,3 +278,34 @@ def test_state_and_policy_position_schemes_must_match():
     state = model.init_state(1, TOVA(4))
     with pytest.raises(InputError, match="position scheme"):
         model.step(torch.tensor([1]), state, TOVA(4, positions="shift"))
+
+
+class WrongShape(Policy):
+    name = "wrong-shape"
+
+    def priority(self, attn, pos, score):
+        return attn.mean(dim=1)  # (B, n): the kv-head axis is missing
+
+
+class NaNs(Policy):
+    name = "nans"
+
+    def priority(self, attn, pos, score):
+        return attn.mean(dim=1, keepdim=True) * float("nan")
+
+
+@pytest.mark.parametrize("policy, message", [(WrongShape(3), "returned torch.float32 \\(1, \\d+\\); a priority is"),
+                                             (NaNs(3), "NaN priorities")])
+@pytest.mark.parametrize("mode", ["step", "scan", "batch"])
+def test_a_policy_returning_a_bad_priority_is_named_in_the_error(policy, message, mode):
+    from msrnn.batch import RowPolicies
+
+    _, model = tiny()
+    tokens = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match=f"policy '{policy.name}'.*{message}"):
+        if mode == "step":
+            scan(model, tokens, policy)
+        elif mode == "scan":
+            model.prefill(tokens, None, policy)
+        else:
+            model.prefill(tokens.repeat(2, 1), None, RowPolicies([policy, make_policy("tova", 3)], 1))

@@ -97,3 +97,34 @@ def test_a_state_of_another_dtype_is_a_clear_error(models, tmp_path):
     loaded = msrnn.State.load(tmp_path / "state.safetensors")
     with pytest.raises(InputError, match="dtype"):  # today: RuntimeError from inside torch's matmul
         models["a-bf16"].step(TOKENS[:1], loaded, policy)
+
+
+def _edit_saved(path, edit):
+    """Rewrite a saved state file with edit(tensors) applied (the metadata is kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"layers.1.pos": t["layers.1.pos"][:, :, :-1]}), "positions/scores have shapes"),
+    (lambda t: t.update({"layers.1.values": t["layers.1.values"][:, :, :-1]}), "keys/values have shapes"),
+    (lambda t: t.update({"next_pos": torch.tensor([-1])}), "next_pos"),
+    (lambda t: t["layers.1.pos"].__setitem__((0, 0, 0), 10**6), "outside"),
+    (lambda t: t["layers.1.pos"].__setitem__((0, 0, 1), int(t["layers.1.pos"][0, 0, 0])), "the same position twice"),
+    (lambda t: t["layers.1.keys"].__setitem__((0, 0, 0, 0), float("nan")), "not finite"),
+    (lambda t: t.update({"layers.1.keys": t["layers.1.keys"].to(torch.int32)}), "holds torch.int32"),
+    (lambda t: t.pop("layers.1.score"), "not a complete"),
+])
+def test_every_layer_of_a_loaded_state_is_checked(models, tmp_path, edit, message):
+    """Damage beyond layer 0 (a cut tensor, a negative next_pos, a position from the future or repeated, NaN) is
+    refused at load time with one clear error, instead of continuing with wrong logits."""
+    path = tmp_path / "state.safetensors"
+    saved_state(models["a"], make_policy("tova", 4), path)
+    _edit_saved(path, edit)
+    with pytest.raises(InputError, match=message):
+        msrnn.State.load(path)
