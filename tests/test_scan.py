@@ -145,3 +145,16 @@ def test_bundled_model_over_256_real_tokens():
     expected, steps = stepped(model, ids.repeat(3, 1), rows)
     assert held(scanned) == held(steps)
     assert (logits - expected).abs().max() <= 2e-4
+
+
+def test_a_scanned_state_saves_loads_and_continues_bit_for_bit(tmp_path):
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model(), d))
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    policy = make_policy("tova-decay", 5)
+    _, state = model.prefill(tokens[:, :20], None, policy)
+    state.save(tmp_path / "s.safetensors")
+    loaded = msrnn.State.load(tmp_path / "s.safetensors")
+    a, _ = model.prefill(tokens[:, 20:], state, policy, all_logits=True)
+    b, _ = model.prefill(tokens[:, 20:], loaded, policy, all_logits=True)
+    assert torch.equal(a, b) and held(state) == held(loaded)
