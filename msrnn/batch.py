@@ -35,6 +35,7 @@ class RowPolicies(Policy):
         self.needs_attention = any(m.needs_attention for m in members)
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
+        self._budget = torch.tensor([m.states for m in members]).repeat_interleave(rows)[:, None, None]  # (R, 1, 1)
         self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
         for i, member in enumerate(self.members):
             if self.blocks and _alike(self.blocks[-1][0], member):
@@ -44,7 +45,7 @@ class RowPolicies(Policy):
 
     def budget(self) -> torch.Tensor:
         """(R, 1, 1) each row's budget."""
-        return torch.tensor([m.states for m in self.members]).repeat_interleave(self.rows)[:, None, None]
+        return self._budget
 
     def update(self, score, attn):
         out = score.clone()  # (R, Hkv, n)

@@ -115,7 +115,7 @@ class Reference:
         logprobs, state = torch.empty(B, T - 1, model.cfg.vocab_size), None
         for a in range(0, T - 1, piece):
             logits, state = model.prefill(tokens[:, a : min(a + piece, T - 1)], state, None, all_logits=True)
-            logprobs[:, a : a + piece] = torch.log_softmax(logits, dim=-1)  # (B, piece, V)
+            logprobs[:, a : a + piece] = torch.log_softmax(logits, dim=-1).cpu()  # (B, piece, V)
         neg_entropy = (logprobs.exp() * logprobs).sum(-1)  # (B, T-1)
         return cls(logprobs, next_token_loss(logprobs, tokens[:, 1:]), logprobs.argmax(-1), neg_entropy)
 
@@ -271,6 +271,7 @@ def _run_rows(model, tokens, members: Sequence[Policy], starts: list[int], ref: 
     for a in range(L - 1, T - 1, piece):  # the last prefix token first: fast mode's one eviction happens there
         b = min(a + piece, T - 1)
         logits, state = model.prefill(tokens[:, a:b].repeat(P, 1), state, rows, all_logits=True)  # (P*B, n, V)
+        logits = logits.cpu()  # measured beside the reference, which is kept in CPU memory
         if a + 1 < b or a >= L:
             keep = slice(max(L - a, 0), None)  # index L-1 predicts token L: still the full model's, from `ref`
             ref.measure(out, logits.view(P, B, b - a, -1)[:, :, keep], tokens, max(a, L))

@@ -90,7 +90,7 @@ def penalize_repeats(pick: Callable[[torch.Tensor], torch.Tensor], rows: list[li
     def pick_penalized(logits: torch.Tensor) -> torch.Tensor:
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
         tokens = pick(logits)  # (B,)
-        seen[torch.arange(len(tokens)), tokens] = True
+        seen[torch.arange(len(tokens), device=seen.device), tokens] = True
         return tokens
 
     return pick_penalized

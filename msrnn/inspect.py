@@ -59,7 +59,7 @@ class RetentionRecorder:
     def observe(self, layer: int, step: torch.Tensor, pos: torch.Tensor) -> None:
         """The model's trace hook (LayerState.trace): after the step of the token at position step[0], layer
         `layer` holds the positions pos (B, Hkv, n) (EMPTY = not held)."""
-        pos = pos[0]  # (Hkv, n) row 0
+        pos = pos[0].cpu()  # (Hkv, n) row 0
         held = pos != EMPTY
         heads = torch.arange(pos.shape[0])[:, None].expand_as(pos)  # (Hkv, n)
         self.last[layer][heads[held], pos[held]] = int(step[0])

@@ -112,7 +112,7 @@ class Block(nn.Module):
         own key (slot new_at + t) sits."""
         S, (B, Hkv, G, T, _) = layer_state.size, q.shape
         if T == 0:
-            return torch.empty(B, Hkv, G, 0, S)
+            return torch.empty(B, Hkv, G, 0, S, device=q.device)
         kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
         if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
             c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, q.dtype)  # (B, Hkv, S, hd)
@@ -148,7 +148,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
     if scheme == "absolute":  # keys do not move: all T queries against all S slots at once
         scores = (q.reshape(B, Hkv, G * T, hd) @ layer_state.keys[:, :, :S].transpose(-1, -2)).view(B, Hkv, G, T, S)
         scores = (scores * (1.0 / math.sqrt(hd))).permute(3, 0, 1, 2, 4).contiguous()  # (T, B, Hkv, G, S)
-    probs = torch.empty(T, B, Hkv, G, S)  # fp32
+    probs = torch.empty(T, B, Hkv, G, S, device=q.device)  # fp32
     needs_attn = policy.needs_attention or policy.keeps_score
     budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
     # The common case in fewer operations: one budget, rows that all hold the same number of states, no "drop now"
@@ -233,7 +233,7 @@ class Transformer(nn.Module):
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
         rope_at_use = getattr(policy, "positions", "absolute") != "absolute"
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
-                           self.dtype, rope_at_use=rope_at_use, meta=meta)
+                           self.dtype, rope_at_use=rope_at_use, meta=meta, device=self.embed.weight.device)
 
     # --- the one loop -------------------------------------------------------------------------------------------
     def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None, each_token: bool = True):
@@ -243,13 +243,14 @@ class Transformer(nn.Module):
         policy still evicts after every token). each_token=False evicts once per layer, after the T tokens."""
         self._check(tokens, state, policy)
         B, T = tokens.shape
-        pos = state.next_pos[:, None] + torch.arange(T)  # (B, T) absolute positions of the new tokens
+        pos = state.next_pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) absolute positions
         cfg = self.cfg
         if policy is not None and policy.states is not None and each_token:
             seq_len = pos.amax(dim=0) + 1  # (T,) token by token, as the recurrence would rotate each one
         else:
             seq_len = int(pos.max()) + 1  # dynamic RoPE scales by the length of the forward call (transformers)
         inv_freq = inv_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)  # (hd/2,) | (T, hd/2)
+        inv_freq = inv_freq.to(tokens.device)
         cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
         x = self.embed(tokens)  # (B, T, d)
         for block, layer_state in zip(self.layers, state.layers):
@@ -265,7 +266,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """The reference: the ordinary causal transformer over tokens (B, T) -> logits (B, T, vocab), fp32."""
-        tokens = torch.as_tensor(tokens)
+        tokens = torch.as_tensor(tokens, device=self.embed.weight.device)  # on the model's device
         state = self.init_state(tokens.shape[0])
         return self._logits(self._advance(tokens, state, None))
 
@@ -275,7 +276,7 @@ class Transformer(nn.Module):
 
         The state is updated in place and returned (fork() it first to keep the old one). None starts a new one.
         """
-        tokens = torch.as_tensor(tokens)
+        tokens = torch.as_tensor(tokens, device=self.embed.weight.device)  # on the model's device
         if tokens.dim() != 1:
             raise InputError(f"step takes one token per batch row, shape (B,); got shape {tuple(tokens.shape)}. "
                              "Use prefill() for a prompt.")
@@ -297,7 +298,7 @@ class Transformer(nn.Module):
         attention (what the official TOVA code and kvpress do). Identical to "exact" when nothing is evicted.
         progress: called with the number of tokens after each chunk (a progress bar's update).
         """
-        tokens = torch.as_tensor(tokens)
+        tokens = torch.as_tensor(tokens, device=self.embed.weight.device)  # on the model's device
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise InputError(f"prefill takes a prompt of shape (B, T) with T >= 1; got shape {tuple(tokens.shape)}.")
         if mode not in PREFILL_MODES:

@@ -230,7 +230,7 @@ class TOVADecay(TOVA):
         """score (B, h, n) / (1 - gamma ** age): the running average, unbiased for states only a few queries saw."""
         pos = pos[:, :1]  # (B, 1, n) a layer-wise policy: every kv head holds the same tokens
         age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)  # (B, 1, n) queries that saw the state, - 1
-        return score / self.correction[age]
+        return score / self.correction.to(score.device)[age]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(states={self.states}, gamma={self.gamma})"

@@ -91,6 +91,7 @@ class LayerState:
         priority (B, 1 or Hkv, n) float; budget an int or (B, 1, 1) per row; hidden (B, Hkv, n) bool, the slots
         that hold no state now (EMPTY)."""
         n = self.size
+        budget = budget.to(self.pos.device) if isinstance(budget, torch.Tensor) else budget
         pos = self.pos[:, :, :n]  # (B, Hkv, n) a view: writing EMPTY into it evicts
         prio = priority.float().expand(pos.shape).masked_fill(hidden, INF)  # empty slots are never the lowest
         over = hidden.sum(dim=-1, keepdim=True) < n - budget  # (B, Hkv, 1) live states > budget
@@ -102,15 +103,16 @@ class LayerState:
 
     def keep_top(self, priority: torch.Tensor, budget) -> None:
         """Keep in every row and kv head its `budget` live states of highest priority (ties keep the newest) and
-        drop the rest; a row over budget also drops every state of priority -inf. For any number of states over budget (a fast prefill's
-        single eviction, a state continued under a smaller budget)."""
+        drop the rest; a row over budget also drops every state of priority -inf. For any number of states over
+        budget (a fast prefill's single eviction, a state continued under a smaller budget)."""
         n = self.size
+        budget = budget.to(self.pos.device) if isinstance(budget, torch.Tensor) else budget
         pos = self.pos[:, :, :n]  # (B, Hkv, n)
         live = pos != EMPTY
         prio = priority.float().expand(pos.shape).masked_fill(~live, -INF)
         by_age = pos.argsort(dim=-1, descending=True, stable=True)  # newest first ...
         order = by_age.gather(-1, prio.gather(-1, by_age).argsort(dim=-1, descending=True, stable=True))  # ... by prio
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))  # (B, Hkv, n)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=pos.device).expand_as(order))
         over = live.sum(dim=-1, keepdim=True) > budget  # (B, Hkv, 1) rows that must give states up
         pos.masked_fill_(live & ((rank >= budget) | ((prio == -INF) & over)), EMPTY)
 
@@ -132,7 +134,7 @@ class LayerState:
         self.maybe_empty = bool((counts < size).any())
         if size == n:
             return
-        slot = torch.arange(n)
+        slot = torch.arange(n, device=self.pos.device)
         hole = ~live & (slot < size)  # (B, Hkv, n) free slots below the line
         mover = (live & (slot >= size))[:, :, size:]  # (B, Hkv, n - size) survivors above it
         holes_first = (~hole).to(torch.int8).argsort(dim=-1, stable=True)  # (B, Hkv, n) hole slots, in order, first
@@ -161,17 +163,18 @@ class State:
     meta: dict = field(default_factory=dict)  # model identity, policy name and budget (for save/load checks)
 
     @classmethod
-    def empty(cls, num_layers, batch_size, kv_heads, head_dim, capacity, dtype, rope_at_use=False, meta=None):
+    def empty(cls, num_layers, batch_size, kv_heads, head_dim, capacity, dtype, rope_at_use=False, meta=None,
+              device=None):
         def layer() -> LayerState:
             return LayerState(
-                keys=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype),
-                values=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype),
-                pos=torch.full((batch_size, kv_heads, capacity), EMPTY, dtype=torch.int64),
-                score=torch.zeros(batch_size, kv_heads, capacity, dtype=torch.float32),
+                keys=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype, device=device),
+                values=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype, device=device),
+                pos=torch.full((batch_size, kv_heads, capacity), EMPTY, dtype=torch.int64, device=device),
+                score=torch.zeros(batch_size, kv_heads, capacity, dtype=torch.float32, device=device),
                 maybe_empty=False,  # slots are filled in order from 0 by append
             )
 
-        next_pos = torch.zeros(batch_size, dtype=torch.int64)
+        next_pos = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return cls([layer() for _ in range(num_layers)], next_pos, rope_at_use, dict(meta or {}))
 
     @classmethod

@@ -37,7 +37,7 @@ def stream_windows(model, ids: torch.Tensor, policy: Policy | None, window: int,
         for a in range(start, end, piece):
             b = min(a + piece, end)
             logits, state = model.prefill(ids[None, a:b], state, policy, mode="exact", all_logits=True)
-            total += float(next_token_loss(torch.log_softmax(logits[0], -1), ids[a + 1 : b + 1]).double().sum())
+            total += float(next_token_loss(torch.log_softmax(logits[0].cpu(), -1), ids[a + 1 : b + 1]).double().sum())
             if progress:
                 progress(b - a)
         rss = current_rss_mib()
