@@ -156,9 +156,11 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
     counts = (pos[:, :, :start] != EMPTY).sum(-1)  # (B, Hkv)
     live = int(counts.max())
     plain = T > 1 and not overfull and not policy.drops and isinstance(budget, int) and live == int(counts.min())
+    lowest, hidden = torch.finfo(q.dtype).min, torch.empty_like(pos, dtype=torch.bool)
+    score = layer_state.score[:, :, :S]  # (B, Hkv, S) a view
     for t in range(T):
-        pos[:, :, start + t] = entering[:, :, t]  # token t enters: n -> n + 1 states
-        hidden = pos == EMPTY  # (B, Hkv, S)
+        pos.select(2, start + t).copy_(entering.select(2, t))  # token t enters: n -> n + 1 states
+        torch.eq(pos, EMPTY, out=hidden)  # (B, Hkv, S)
         if scores is None:  # rotate at use: each step re-assigns the effective positions of what is held
             inv = inv_freq[t] if inv_freq.dim() == 2 else inv_freq
             c, s = cos_sin(effective_positions(pos, scheme), inv, q.dtype)  # (B, Hkv, S, hd)
@@ -167,12 +169,11 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
         else:
             row = scores[t]  # (B, Hkv, G, S)
         mask = hidden if too_old is None else hidden | too_old[t]
-        probs[t] = p = F.softmax(row.masked_fill(mask[:, :, None], torch.finfo(row.dtype).min), dim=-1,
-                                          dtype=torch.float32)  # (B, Hkv, G, S)
+        p = F.softmax(row.masked_fill(mask[:, :, None], lowest), dim=-1, dtype=torch.float32)  # (B, Hkv, G, S)
+        probs.select(0, t).copy_(p)
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
-        score = layer_state.score[:, :, :S]
         if policy.keeps_score:
-            layer_state.score[:, :, :S] = score = policy.update(score, attn[:, :, None])
+            score.copy_(policy.update(score, attn[:, :, None]))
         prio = check_priority(policy, policy.priority(attn, pos, score), pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
