@@ -388,14 +388,14 @@ def _parse_grid(policies: str, states: str, positions: str | None = None) -> tup
     names = [p.strip() for p in re.split(r",(?![^(]*\))", policies) if p.strip()]  # commas outside (...)
     if not names:
         raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
-    for name in names:
-        policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
     try:
         budgets = sorted({int(s) for s in states.split(",") if s.strip()})
     except ValueError:
         raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512.") from None
-    if not budgets:
-        raise InputError("--states: give at least one budget, e.g. 64,128,256,512.")
+    if not budgets or budgets[0] < 1:
+        raise InputError(f"--states {states!r}: give positive budgets, e.g. 64,128,256,512.")
+    for name in names:  # a policy file runs here, once everything else has been checked
+        policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
     for name in names:  # every policy accepts every budget (clear error now, not after an hour)
         for k in budgets:
             make_policy(name, k, **_positions(positions))
@@ -522,13 +522,13 @@ def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Pat
 
 def run_ppl(args, load) -> None:
     """`msrnn eval ppl`: the grid of args.policies x args.states; `load()` gives (model, tokenizer)."""
-    names, budgets = _parse_grid(args.policies, args.states, args.positions)
-    if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
-        names = ["full", *names]
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch}: give a positive number of chunks per batch.")
     text_path = Path(args.text)
     text = read_text(text_path)
+    names, budgets = _parse_grid(args.policies, args.states, args.positions)  # last: it runs policy files
+    if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
+        names = ["full", *names]
     model, tokenizer = load()
     ids = tokenizer.encode(text)
     data, index = pick_chunks(ids, args.context, args.chunks)

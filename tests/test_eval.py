@@ -214,3 +214,14 @@ def test_eval_stream_reports_ppl_and_rss_per_window(checkpoint, text_file, tmp_p
     with (tmp_path / "stream.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
     assert (tmp_path / "stream.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_policy_file_runs_only_after_the_other_arguments_are_checked(checkpoint, text_file, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    (tmp_path / "mine.py").write_text(f"open({str(marker)!r}, 'w').close()\nfrom msrnn.policies import TOVA\n"
+                                      "class Mine(TOVA):\n    name = 'mine'\n")
+    for bad in (["--states", "0"], ["--states", "x"], ["--batch", "0"]):
+        with pytest.raises(SystemExit):
+            main([*ppl_args(checkpoint, text_file, tmp_path / "out"), "--policies", f"{tmp_path / 'mine.py'}:Mine",
+                  *bad])
+        assert "msrnn: error:" in capsys.readouterr().err and not marker.exists()
