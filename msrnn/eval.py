@@ -502,7 +502,10 @@ def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Pat
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
         if name == "full":
-            ax.axhline(_cell(cells, name, None)["ppl"], color="black", ls="--", label="full (unbounded)")
+            full = _cell(cells, name, None)
+            ax.axhline(full["ppl"], color="black", ls="--", label="full (unbounded)")
+            if full.get("ppl_low") is not None:
+                ax.axhspan(full["ppl_low"], full["ppl_high"], color="black", alpha=0.06, lw=0)
             continue
         row = [_cell(cells, name, k) for k in budgets]
         (line,) = ax.plot(budgets, [c["ppl"] for c in row], "o-", label=name)
