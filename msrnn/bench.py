@@ -305,19 +305,25 @@ def plot(res: dict, path: Path) -> None:
     plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(list(res["msrnn_full_ms"]), list(res["msrnn_full_ms"].values()), "o-", label="msrnn full")
-    if "hf_full_ms" in res:
-        a.plot(list(res["hf_full_ms"]), list(res["hf_full_ms"].values()), "s-", label="transformers full")
-    a.plot(list(res["msrnn_bounded_ms"]), list(res["msrnn_bounded_ms"].values()), "^-",
-           label=f"msrnn {res['policy']} {res['states']}")
+    def xy(ms: dict):  # positions are int keys in a live result, strings once read back from bench.json
+        return [int(p) for p in ms], list(ms.values())
+
+    a.plot(*xy(res["msrnn_full_ms"]), "o-", label="msrnn full")
+    if res.get("hf_full_ms"):
+        a.plot(*xy(res["hf_full_ms"]), "s-", label="transformers full")
+    a.plot(*xy(res["msrnn_bounded_ms"]), "^-", label=f"msrnn {res['policy']} {res['states']}")
     a.axhline(res["floor_ms"], color="gray", ls="--", label="floor (weight matvecs)")
     a.set(xscale="log", xlabel="stream position (tokens)", ylabel="ms / token", title=f"decode, batch 1, {res['dtype']}")
+    positions = sorted({int(p) for p in [*res["msrnn_full_ms"], *res["msrnn_bounded_ms"]]})
+    a.set_xticks(positions, [f"{p:,}" for p in positions], rotation=30)  # the positions measured, as plain numbers
+    a.minorticks_off()
     a.set_ylim(bottom=0)
     a.legend()
     rows = res["throughput"]
-    b.bar([str(r["states"]) for r in rows], [r["tokens_per_s"] for r in rows], color="tab:green")
+    b.bar([str(r["states"]) for r in rows], [r["tokens_per_s"] for r in rows], color="C2")  # the bounded policy's colour
     for i, r in enumerate(rows):
         b.text(i, r["tokens_per_s"], f"{r['ratio_to_full']:.1f}× (B={r['batch']})", ha="center", va="bottom")
+    b.set_ylim(0, 1.12 * max(r["tokens_per_s"] for r in rows))  # room for the labels above the bars
     b.set(xlabel="states per layer", ylabel="tokens / s", title="throughput under the full cache's KV memory")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
