@@ -398,12 +398,8 @@ def _parse_grid(policies: str, states: str, positions: str | None = None) -> tup
         policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
     for name in names:  # every policy accepts every budget (clear error now, not after an hour)
         for k in budgets:
-            make_policy(name, k, **_positions(positions))
+            make_policy(name, k, positions)
     return list(dict.fromkeys(names)), budgets
-
-
-def _positions(positions: str | None) -> dict:
-    return {} if positions is None else {"positions": positions}
 
 
 def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tuple[str, int | None]]:
@@ -425,7 +421,7 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
         if not cells or not mine(b):
             continue
         tokens = data[b0 : b0 + batch]
-        results = score(model, tokens, [make_policy(p, k, **_positions(positions)) for p, k in cells], prefill, prompt,
+        results = score(model, tokens, [make_policy(p, k, positions) for p, k in cells], prefill, prompt,
                         Reference.compute(model, tokens), bar.update if bar is not None else None)
         for (name, k), s in zip(cells, results):
             unit = {"policy": name, "states": k, "batch": b, **s.sums()}

@@ -105,7 +105,7 @@ def resolve_policy(policy: Policy | str | None, states: int | None = None,
                              "(--policy tova), or drop states for the unbounded transformer.")
         return None
     if isinstance(policy, str):
-        return make_policy(policy, states, **({"positions": positions} if positions else {}))
+        return make_policy(policy, states, positions)
     if isinstance(policy, Policy):
         if states is not None and states != policy.states:
             raise InputError(f"states={states} contradicts the policy object's own budget ({policy!r}); drop states.")

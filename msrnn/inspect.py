@@ -277,7 +277,7 @@ def run_inspect(args, load) -> None:
     text = report.read_text(args.text)
     if args.tokens < 1:
         raise InputError(f"--tokens {args.tokens}: give at least 1 token.")
-    policy = make_policy(args.policy, args.states, **({"positions": args.positions} if args.positions else {}))
+    policy = make_policy(args.policy, args.states, args.positions)
     model, tokenizer = load()
     layers = model.cfg.num_hidden_layers
     if args.layer is not None and not 0 <= args.layer < layers:

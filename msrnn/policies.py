@@ -346,9 +346,11 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), kwargs
 
 
-def make_policy(name: str, states: int | None = None, **kwargs) -> Policy | None:
+def make_policy(name: str, states: int | None = None, positions: str | None = None, **kwargs) -> Policy | None:
     """The policy called `name` (as the CLI spells it, settings allowed: "tova-decay(gamma=0.8)") with budget
-    `states`; `full` gives None (unbounded)."""
+    `states` and position scheme `positions` (None: the policy's own default); `full` gives None (unbounded)."""
+    if positions is not None:
+        kwargs["positions"] = positions
     name, settings = parse_spec(name)
     cls = policy_class(name)
     if cls is None:  # full

@@ -110,7 +110,7 @@ def run_stream(args, load) -> None:
     """`msrnn eval stream`; `load()` gives (model, tokenizer)."""
     if args.tokens < 2 or args.window < 1:
         raise InputError(f"--tokens {args.tokens} / --window {args.window}: give --tokens >= 2 and --window >= 1.")
-    policy = make_policy(args.policy, args.states, **({"positions": args.positions} if args.positions else {}))
+    policy = make_policy(args.policy, args.states, args.positions)
     text_path = Path(args.text)
     text = read_text(text_path)
     model, tokenizer = load()
