@@ -10,7 +10,8 @@ What is measured (batch 1 unless said, the model's dtype, `--threads` torch thre
 - throughput under a fixed KV-memory budget (the paper's Table 1): the full cache of `--budget-context` tokens at batch
   1 holds as many bytes as `budget-context / k` rows of k states, so bounded states run a bigger batch.
 - resident memory along a long bounded stream (`--stream-tokens`, TOVA 512 by default): it must stay flat.
-- for bf16, the agreement of its logits with the same checkpoint in float32.
+- for bf16/int8/int4 weights, the agreement of its logits with the same checkpoint in float32.
+- the floor of the same weight shapes in each format (fp32, bf16, int8, int4), timed in turn: what --dtype can gain.
 - peak RSS (resident memory high-water mark) after each phase.
 Timings are medians over repeats; no test asserts on them (machines differ).
 """
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from . import quant
+from .errors import CheckpointError, InputError
 from .report import current_rss_mib, peak_rss_mib, pyplot
 from .policies import make_policy
 
@@ -102,11 +104,33 @@ def msrnn_decoder(model, policy, position: int, steps: int, batch: int = 1):
 
 
 def floor_chain(model):
-    """One token's worth of matrix-vector products over every weight matrix of the model, and nothing else."""
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    mats.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)  # the output projection
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
-    return lambda: [F.linear(xs[w.shape[1]], w) for w in mats]
+    """One token's worth of matrix-vector products over every weight matrix of the model, in its own formats (int
+    kernels get the bf16 input they take), and nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.Int8Linear, quant.Int4Linear))]
+    calls = [(m, torch.randn(1, m.in_features, dtype=torch.bfloat16 if isinstance(m, (quant.Int8Linear, quant.Int4Linear))
+                             else model.dtype)) for m in layers]  # int kernels take bf16 activations
+    if model.lm_head is None:  # tied float head: the embedding matrix
+        calls.append((lambda x: F.linear(x, model.embed.weight), torch.randn(1, model.cfg.hidden_size, dtype=model.dtype)))
+    return lambda: [m(x) for m, x in calls]
+
+
+def format_floors(model, rounds: int = 5) -> dict:
+    """The floor of this model's shapes in every weight format (random weights), timed in turn: what each --dtype
+    could reach on this machine."""
+    shapes = [(m.out_features, m.in_features) for m in model.modules()
+              if isinstance(m, (torch.nn.Linear, quant.Int8Linear, quant.Int4Linear))]
+    if model.lm_head is None:
+        shapes.append(tuple(model.embed.weight.shape))
+    gen = torch.Generator().manual_seed(0)
+    runs = {}
+    for fmt in ("fp32", "bf16", "int8", "int4"):
+        try:
+            calls = [(quant.linear(fmt, torch.randn(n, k, generator=gen) * 0.02),
+                      torch.randn(1, k, dtype=torch.float32 if fmt == "fp32" else torch.bfloat16)) for n, k in shapes]
+        except CheckpointError:  # int4 needs input sizes divisible by 32
+            continue
+        runs[fmt] = lambda calls=calls: [m(x) for m, x in calls]
+    return {fmt: t * 1000 for fmt, t in side_by_side(runs, rounds).items()}
 
 
 class HFRunner:
@@ -165,13 +189,13 @@ class Bench:
         self.prefill_tokens, self.budget_context, self.budget_states = prefill_tokens, budget_context, budget_states
         self.stream_tokens, self.stream_states = stream_tokens, stream_states
         self.hf, self.floor, self.floors = None, floor_chain(model), []
-        self.res = {"dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        self.res = {"dtype": quant.weight_format(model), "threads": torch.get_num_threads(),
                     "policy": policy_name, "states": states, "steps": steps, "rounds": rounds,
                     "cpu": torch.backends.cpu.get_cpu_capability()}
         self.phases = ([self.load_transformers] if compare else []) + [
             self.decode_full, self.decode_bounded, self.prefill, self.throughput]
         self.phases += ([self.stream] if stream_tokens else []) + (
-            [self.fp32_agreement] if model.dtype != torch.float32 else [])
+            [self.fp32_agreement] if self.res["dtype"] != "fp32" else []) + [self.floors_by_format]
 
     def run(self) -> dict:
         from .report import progress
@@ -255,6 +279,9 @@ class Bench:
                                            self.stream_tokens, progress=self.progress)
         self.res["stream"]["states"] = self.stream_states
 
+    def floors_by_format(self) -> None:
+        self.res["floor_ms_by_format"] = format_floors(self.model, self.rounds)
+
     def fp32_agreement(self) -> None:
         self.res["fp32_agreement"] = agreement_with_fp32(self.model, self.source)
 
@@ -267,9 +294,13 @@ def run_bench(model, source: Path | None, **settings) -> dict:
 def report(res: dict) -> str:
     """The measurements as markdown tables."""
     lo, hi = res["floor_ms_range"]
-    out = [f"machine: {res['cpu']}, {res['threads']} threads, dtype {res['dtype']}; every row timed in turn with its "
+    out = [f"machine: {res['cpu']}, {res['threads']} threads, weights {res['dtype']}; every row timed in turn with its "
            f"comparison and the floor ({res['rounds']} rounds, medians)",
-           f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token (range over the run {lo:.1f}-{hi:.1f})", "",
+           f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token (range over the run {lo:.1f}-{hi:.1f})"]
+    if "floor_ms_by_format" in res:
+        out.append("floors of the same shapes per weight format (timed in turn): " + ", ".join(
+            f"{fmt} {ms:.1f} ms" for fmt, ms in res["floor_ms_by_format"].items()))
+    out += ["",
            "| decode, batch 1 | position | ms/token | × floor | × transformers |", "|---|---|---|---|---|"]
     for p, ms in res["msrnn_full_ms"].items():
         hf = res.get("hf_full_ms", {}).get(p)
@@ -339,10 +370,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def run(args) -> int:
     """`msrnn bench` (it loads the model itself: transformers needs the same source)."""
-    from .weights import load_model, parse_dtype, resolve
+    from .weights import load_model, resolve
 
     source = resolve(args.model)  # None: the bundled GGUF
-    model = load_model(source, dtype=parse_dtype(args.dtype))
+    model = load_model(source, dtype=args.dtype)
     res = run_bench(model, source, policy_name=args.policy, states=args.states, positions=_ints(args.positions),
                     bounded_positions=_ints(args.bounded_positions), steps=args.steps,
                     prefill_tokens=args.prefill_tokens, budget_context=args.budget_context,

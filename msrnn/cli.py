@@ -19,6 +19,7 @@ from . import __version__
 from .errors import InputError, MsrnnError
 from .model import PREFILL_MODES
 from .policies import FULL, POLICIES, POSITION_SCHEMES
+from .quant import FORMATS
 
 BUNDLED = "the bundled SmolLM2-135M-Instruct GGUF"
 POLICY_FORMS = (f"{FULL}, {', '.join(POLICIES)}; settings in parentheses (\"tova-decay(gamma=0.8)\"); or your own class "
@@ -30,11 +31,12 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 
 # --- options shared by several commands --------------------------------------------------------------------------
-def model_options(p, dtype: bool = True) -> None:
+def model_options(p, dtype: str = "fp32") -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help=f"checkpoint directory, .gguf file or hub id (default: {BUNDLED})")
-    if dtype:
-        p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and state dtype")
+    p.add_argument("--dtype", default=dtype, choices=FORMATS,
+                   help="weights: fp32 (the exact reference), bf16, int8/int4 (weight-only, CPU; the rest computes in "
+                        "fp32), auto (the checkpoint's own: a GGUF's Q4 blocks as int4, Q8_0 as int8)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads (default: the machine's physical cores, or OMP_NUM_THREADS if set)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example:\n  msrnn generate --chat "What is the capital of France?" --policy tova --states 64\n'
                '  msrnn generate "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 0 --max-new-tokens 200')
     p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
-    model_options(p)
+    model_options(p, dtype="auto")
     policy_options(p, None, None, " (default: none, the unbounded transformer)")
     sampling_options(p, max_new_tokens=128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "policy keeps at most --states per layer, so the chat can run past the model's context length in "
                     "constant memory. --policy full is the unbounded transformer.",
         epilog='example:\n  msrnn chat --policy tova --states 256 --system "Answer in one sentence." --verbose')
-    model_options(p)
+    model_options(p, dtype="auto")
     policy_options(p, None, None, f" (default: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states)")
     sampling_options(p, max_new_tokens=256)
     p.add_argument("--system", help="a system message that opens the conversation")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speed and memory of msrnn next to transformers in the same process, with the machine's\n"
                     "weight-reading floor timed in turn. Example: msrnn bench --compare transformers --out "
                     "docs/results/bench")
-    model_options(p)
+    model_options(p, dtype="auto")
     p.add_argument("--compare", default="transformers", choices=["transformers", "none"],
                    help="also time transformers in the same process")
     p.add_argument("--policy", default="tova", help=f"bounded policy to time: {POLICY_FORMS}")
@@ -252,11 +254,13 @@ def configure(args) -> None:
 
 def load_model_and_tokenizer(args):
     """(model, tokenizer) from --model/--dtype, on --device: the one place the commands load a checkpoint."""
+    from .quant import check_device
     from .weights import load
 
     if sys.stderr.isatty():
         print(f"msrnn: loading {args.model or BUNDLED}...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, dtype=args.dtype)
+    check_device(model, args.device)
     return model.to(args.device), tokenizer
 
 

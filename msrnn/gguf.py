@@ -98,10 +98,12 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return {key: field.contents() for key, field in open_gguf(path).fields.items()}
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              codes: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json-style dict, {HF parameter name: tensor}) for a llama-architecture GGUF file.
 
     Tensors are dequantized one at a time from the memory map, so peak memory is the float model plus one tensor.
+    codes=True: Q4_0, Q4_1 and Q8_0 matrices come as `quant.Codes` instead, never made float (for int4/int8 weights).
     """
     if not dtype.is_floating_point:
         raise CheckpointError(f"read_gguf needs a floating-point dtype, got {dtype}.")
@@ -123,9 +125,37 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     out = {}
     for name, t in tensors.items():
         hf_name, part = _hf_name(name)
+        if codes and t.tensor_type.name in _BLOCKS and len(t.shape) == 2:
+            w = _codes(t)
+            out[hf_name] = w.rows(lambda x: _unpermute(x, heads[part])) if part in heads else w
+            continue
         w = torch.from_numpy(_dequantize(t))
         out[hf_name] = (_unpermute(w, heads[part]) if part in heads else w).to(dtype)
     return config, out
+
+
+# GGUF block layouts of 32 weights: (bytes per block, bits); a block starts with its fp16 scale d (Q4_1: then the
+# fp16 offset m), then the codes. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m; Q8_0: w = d * q (q signed).
+_BLOCKS = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q8_0": (34, 8)}
+
+
+def _codes(t):
+    """A Q4_0/Q4_1/Q8_0 matrix as `quant.Codes` in HF shape (out, in), read from the memory map without floats."""
+    from .quant import GROUP, Codes
+
+    kind = t.tensor_type.name
+    size, bits = _BLOCKS[kind]
+    out, k = int(t.shape[1]), int(t.shape[0])
+    blocks = np.asarray(t.data).reshape(out, k // GROUP, size)  # (out, groups, bytes)
+    scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))  # (out, groups)
+    if kind == "Q8_0":
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8))  # (out, groups, 32)
+        return Codes(q.reshape(out, k), scale, torch.zeros_like(scale), bits)
+    packed = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]  # (out, groups, 16): byte j = codes j, j + 16
+    q = torch.from_numpy(np.concatenate([packed & 0x0F, packed >> 4], axis=-1))  # (out, groups, 32) uint8
+    offset = (torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+              if kind == "Q4_1" else -8 * scale)
+    return Codes(q.reshape(out, k), scale, offset, bits)
 
 
 def _dequantize(t) -> np.ndarray:

@@ -260,8 +260,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # tied: the embedding matrix
-        return F.linear(h, weight).float()  # (..., vocab)
+        if self.lm_head is None:  # tied: the embedding matrix (int weights keep an int copy in lm_head instead)
+            return F.linear(h, self.embed.weight).float()  # (..., vocab)
+        return self.lm_head(h).float()
 
     # --- public API ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -13,21 +13,24 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import Config
 from .errors import CheckpointError
 
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "chat_template.json"]
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+FORMATS = {"float32": "fp32", "fp32": "fp32", torch.float32: "fp32", "bfloat16": "bf16", "bf16": "bf16",
+           torch.bfloat16: "bf16", "int8": "int8", "int4": "int4", "auto": "auto"}
 
 
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16):
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise CheckpointError(f"dtype {dtype!r} is not supported; use float32 (fp32) or bfloat16 (bf16).")
+def parse_format(dtype) -> str:
+    """'fp32' | 'bf16' | 'int8' | 'int4' | 'auto' from what a user may pass (a name or a torch dtype)."""
+    try:
+        return FORMATS[dtype]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use fp32 (the exact reference), bf16, int8, int4 "
+                              "(weight-only, CPU), or auto (the checkpoint's own precision).") from None
 
 
 def resolve(source: str | Path | None) -> Path:
@@ -127,35 +130,68 @@ def to_msrnn(cfg: Config, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         out[o + "mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
         out[o + "o.weight"] = hf[a + "o_proj.weight"]
         out[o + "down.weight"] = hf[m + "down_proj.weight"]
-        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
-            out[o + "qkv." + kind] = torch.cat([hf[a + f"{x}_proj.{kind}"] for x in "qkv"])
+        out[o + "qkv.weight"] = quant.cat([hf[a + f"{x}_proj.weight"] for x in "qkv"])  # GGUF codes stack too
+        if cfg.attention_bias:
+            out[o + "qkv.bias"] = torch.cat([hf[a + f"{x}_proj.bias"] for x in "qkv"])
         if cfg.attention_bias:
             out[o + "o.bias"] = hf[a + "o_proj.bias"]
-        for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-            out[o + "gate_up." + kind] = torch.cat([hf[m + f"{x}_proj.{kind}"] for x in ("gate", "up")])
+        out[o + "gate_up.weight"] = quant.cat([hf[m + f"{x}_proj.weight"] for x in ("gate", "up")])
+        if cfg.mlp_bias:
+            out[o + "gate_up.bias"] = torch.cat([hf[m + f"{x}_proj.bias"] for x in ("gate", "up")])
         if cfg.mlp_bias:
             out[o + "down.bias"] = hf[m + "down_proj.bias"]
     return out
 
 
-def build(cfg: Config, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype, identity: str):
+def build(cfg: Config, hf_tensors: dict, fmt: str, identity: str):
+    """A ready `Transformer` from HF-named tensors (float, or `quant.Codes` from a GGUF file) in format fmt.
+
+    Every linear layer is made by `quant.linear` in its format. With int weights only the matrix products read int
+    codes and bf16 activations: everything around them (norms, RoPE, attention, the state) stays fp32, which on a
+    CPU is both faster than bf16 for these small ops and closer to the reference. A tied lm_head becomes its own int
+    copy of the embedding, which stays a float table for the lookup."""
     from .model import Transformer
 
+    sd = to_msrnn(cfg, hf_tensors)
+    coded = any(isinstance(w, quant.Codes) for w in sd.values())
+    compute = "bf16" if fmt == "bf16" else "fp32"  # int kernels take bf16 in, give bf16 out; around them: fp32
+    dtype = torch.float32 if compute == "fp32" else torch.bfloat16
     with torch.device("meta"):
         model = Transformer(cfg)
-    sd = {k: v.to(dtype) for k, v in to_msrnn(cfg, hf_tensors).items()}
-    model.load_state_dict(sd, assign=True, strict=True)
+    linears = [f"layers.{n}.{part}" for n in range(cfg.num_hidden_layers) for part in ("qkv", "o", "gate_up", "down")]
+    if "lm_head.weight" in sd:
+        linears.append("lm_head")
+    elif fmt in ("int8", "int4") or coded:  # int weights: the tied head gets its own int copy
+        sd["lm_head.weight"] = sd["embed.weight"]
+        linears.append("lm_head")
+    for name in linears:
+        w, bias = sd.pop(name + ".weight"), sd.pop(name + ".bias", None)
+        parent, _, attr = name.rpartition(".")
+        layer = quant.linear(quant.native_format(w, compute) if fmt == "auto" else fmt, w, bias)
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    sd = {k: (v.dequantize() if isinstance(v, quant.Codes) else v).to(dtype) for k, v in sd.items()}  # embed, norms
+    model.load_state_dict(sd, assign=True, strict=False)
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:  # every tensor must have come from the checkpoint
+        raise CheckpointError(f"internal: no weights for {', '.join(left[:5])}")
     # The name says where the weights came from; the fingerprint (config + a few embedding values) tells apart two
     # checkpoints that share a name, so a saved state is never continued by a model that did not make it.
-    probe = json.dumps(cfg.__dict__, sort_keys=True, default=str).encode() + hf_tensors["model.embed_tokens.weight"][
-        :2, :8].to(torch.bfloat16).float().numpy().tobytes()  # bf16-rounded: same for either dtype
+    embed = hf_tensors["model.embed_tokens.weight"]
+    embed = embed.rows(lambda t: t[:2]).dequantize() if isinstance(embed, quant.Codes) else embed
+    probe = json.dumps(cfg.__dict__, sort_keys=True, default=str).encode() + embed[:2, :8].to(
+        torch.bfloat16).float().numpy().tobytes()  # bf16-rounded: same for either dtype
     model.identity = f"{identity}#{hashlib.sha1(probe).hexdigest()[:12]}"
     return model.eval().requires_grad_(False)
 
 
 def load_model(source: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
-    """`Transformer` from a checkpoint directory, a hub id, a .gguf file, or (None) the bundled SmolLM2 GGUF."""
-    dtype = parse_dtype(dtype)
+    """`Transformer` from a checkpoint directory, a hub id, a .gguf file, or (None) the bundled SmolLM2 GGUF.
+
+    dtype: 'fp32' (the exact reference, default), 'bf16', 'int8' / 'int4' (weight-only: matrices quantized at load,
+    or taken as they are from a GGUF file's Q4/Q8 blocks; the model then computes in bf16, on the CPU), or 'auto' (the
+    checkpoint's own precision: a GGUF's Q4_0/Q4_1 matrices as int4, Q8_0 as int8; a safetensors checkpoint's
+    config torch_dtype)."""
+    fmt = parse_format(dtype)
     path = resolve(source)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -165,12 +201,16 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | str = torc
             raise CheckpointError(f"{path} is a file msrnn cannot load: give a directory with config.json or a .gguf file.")
         from .gguf import read_gguf
 
-        config, tensors = read_gguf(path, dtype=dtype)
-        return build(Config.from_dict(config), tensors, dtype, identity=f"gguf:{path.name}")
+        config, tensors = read_gguf(path, codes=fmt in ("int4", "int8", "auto"))
+        return build(Config.from_dict(config), tensors, fmt, identity=f"gguf:{path.name}")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: is this a Hugging Face checkpoint directory?")
     cfg = Config.from_json(path / "config.json")
-    return build(cfg, read_safetensors(path), dtype, identity=f"dir:{path.resolve().name}")
+    if fmt == "auto":  # the precision the checkpoint was saved in
+        saved = json.loads((path / "config.json").read_text())
+        saved = saved.get("dtype") or saved.get("torch_dtype")
+        fmt = "bf16" if saved == "bfloat16" else "fp32"
+    return build(cfg, read_safetensors(path), fmt, identity=f"dir:{path.resolve().name}")
 
 
 def load(source: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
