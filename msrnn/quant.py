@@ -36,6 +36,9 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
+        if self.in_features % 16:  # the kernel reads 16 inputs at a time (and crashes on a ragged end)
+            raise CheckpointError(f"int8 weights need an input size divisible by 16; this matrix is "
+                                  f"{self.out_features} x {self.in_features}. Load the model with dtype bf16 or fp32.")
         self.register_buffer("weight", q)  # (out, in) int8
         self.register_buffer("scale", scale.to(torch.bfloat16))  # (out,)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)

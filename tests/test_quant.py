@@ -1,0 +1,149 @@
+"""int8/int4 weight-only layers (msrnn/quant.py) and dtype="int8" | "int4" | "auto" loading.
+
+The int kernels are checked against the float matrices they stand for; GGUF blocks against the gguf package's own
+dequantization; and every policy runs at every dtype on a tiny model, close to its fp32 reference."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import msrnn
+from msrnn import quant
+from msrnn.errors import CheckpointError, InputError
+from msrnn.gguf import read_gguf
+from msrnn.policies import POLICIES, make_policy
+from test_gguf import write_gguf
+from tiny import hf_model, save
+
+BF16 = 2 ** -8  # bf16 keeps 8 significant bits: relative rounding error <= 2^-8 (kernel outputs, scales, zeros)
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (128, 64), (80, 64), (16, 96), (48, 32), (112, 160)])
+def test_int4_packing_is_torchs_layout(n, k):
+    """Our tensor-op packing (fast) equals torch's converter (the layout its kernel reads) on full and partial
+    row blocks, or msrnn falls back to torch's converter on this CPU."""
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n * k))
+    assert torch.equal(quant.pack_int4(codes), torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+
+
+@pytest.mark.parametrize("n", [48, 40])  # 40 rows: padded to 48 for the kernel, the extra outputs dropped
+def test_int4_linear_multiplies_by_its_quantized_matrix(n):
+    w, x = torch.randn(n, 96), torch.randn(5, 96)
+    layer = quant.Int4Linear.quantize(w)
+    deq = layer.dequantize()  # (out, in): read back through the kernel itself
+    assert deq.shape == (n, 96)
+    step = (w.view(n, 3, 32).amax(-1) - w.view(n, 3, 32).amin(-1)) / 15  # (out, groups) the code's step
+    err = (w - deq).view(n, 3, 32).abs().amax(-1)
+    assert (err <= step / 2 * (1 + 4 * BF16) + 2 * BF16 * w.abs().amax()).all()  # half a step (+ bf16 scales)
+    y, ref = layer(x), x.bfloat16().float() @ deq.T
+    assert y.dtype == torch.float32 and y.shape == (5, n)
+    assert torch.allclose(y, ref, rtol=2 * BF16, atol=2 * BF16 * ref.abs().max())  # bf16 output rounding only
+
+
+def test_int8_linear_multiplies_by_its_quantized_matrix():
+    w, x, b = torch.randn(40, 48), torch.randn(2, 3, 48), torch.randn(40)
+    layer = quant.Int8Linear.quantize(w, b)
+    deq = layer.dequantize()
+    assert ((w - deq).abs() <= w.abs().amax(1, keepdim=True) / 127 / 2 * (1 + 4 * BF16)).all()
+    ref = x.bfloat16().float() @ deq.T + b.bfloat16().float()
+    y = layer(x)
+    assert y.shape == (2, 3, 40) and torch.allclose(y, ref, rtol=4 * BF16, atol=4 * BF16 * ref.abs().max())
+
+
+def test_gguf_blocks_are_read_as_the_files_codes(tmp_path):
+    """Q4_0, Q4_1 and Q8_0 blocks read as codes (no float matrix) dequantize to exactly what the gguf package
+    gives, in HF row order (Q/K un-permuted); auto puts the 4-bit ones into the int4 kernel unchanged but for its
+    bf16 scales."""
+    kinds = {"blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q4_1, "blk.0.attn_v.weight": Q.Q4_1,
+             "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_1, "blk.0.ffn_down.weight": Q.Q8_0,
+             "blk.0.attn_output.weight": Q.Q4_0, "token_embd.weight": Q.Q8_0, "output.weight": Q.Q4_1}
+    path = write_gguf(tmp_path / "q.gguf", quant=kinds)
+    _, floats = read_gguf(path)
+    _, coded = read_gguf(path, codes=True)
+    for name, w in coded.items():
+        if isinstance(w, quant.Codes):
+            assert torch.equal(w.dequantize(), floats[name]), name
+    assert {type(w).__name__ for w in coded.values()} == {"Codes", "Tensor"}
+    model = msrnn.load_model(path, dtype="auto")
+    assert quant.weight_format(model) == "int4+int8"
+    qkv = model.layers[0].qkv
+    assert isinstance(qkv, quant.Int4Linear) and isinstance(model.layers[0].down, quant.Int8Linear)
+    want = torch.cat([floats[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"])
+    assert torch.allclose(qkv.dequantize(), want, rtol=0, atol=4 * BF16 * want.abs().max())
+
+
+def tiny_dir(tmp_path, **kw):
+    return save(hf_model("llama", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                         **kw), tmp_path / "m")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_every_policy_runs_at_every_dtype(tmp_path, fmt):
+    """Prefill (the layer-major scan) and steps with every built-in policy and the full model, near the fp32
+    model's logits: reduced weights move logits a little (int4 of random N(0, 0.15) weights most); they must not
+    break anything. Once states are evicted, a tiny difference can flip which state goes, and the logits then part
+    for good: so the bound is checked where the kept sets must agree (the full model everywhere, a bounded policy
+    until its budget is reached), and everywhere else the logits must be finite and the state bounded."""
+    path = tiny_dir(tmp_path)
+    ref, model = msrnn.load_model(path), msrnn.load_model(path, dtype=fmt)
+    assert quant.weight_format(model) == fmt
+    tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    bound = {"bf16": 0.05, "int8": 0.05, "int4": 0.35}[fmt]  # max |Δ logit| / logit range
+    k = 6
+    for name in [None, *POLICIES]:
+        policy = None if name is None else make_policy(name, k)
+        outs = []
+        for m in (ref, model):
+            logits, state = m.prefill(tokens[:, :16], m.init_state(2, policy), policy, all_logits=True)
+            steps = [m.step(tokens[:, t], state, policy)[0] for t in range(16, 20)]
+            outs.append(torch.cat([logits, torch.stack(steps, 1)], 1))
+            if policy is not None:
+                assert max(layer.size for layer in state.layers) <= k + 2  # k + the incoming token + a spare slot
+        a, b = outs
+        assert torch.isfinite(b).all(), name
+        same = 20 if policy is None else k  # positions whose kept sets cannot differ (baseline restarts at k + 1)
+        a, b = a[:, :same], b[:, :same]
+        assert (a - b).abs().max() <= bound * (a.max() - a.min()), (name, float((a - b).abs().max()))
+
+
+def test_int_kernels_refuse_shapes_they_cannot_take(tmp_path):
+    with pytest.raises(CheckpointError, match="divisible by 16"):  # torch's int8 kernel would crash on it
+        quant.Int8Linear.quantize(torch.randn(8, 50))
+
+
+def test_int4_needs_inputs_in_groups_of_32(tmp_path):
+    path = save(hf_model("llama"), tmp_path / "m")  # hidden 32, intermediate 48: down_proj takes 48 inputs
+    with pytest.raises(CheckpointError, match="divisible by 32.*int8"):
+        msrnn.load_model(path, dtype="int4")
+    assert quant.weight_format(msrnn.load_model(path, dtype="int8")) == "int8"
+
+
+def test_bad_dtype_and_device_say_what_to_do(tmp_path):
+    path = tiny_dir(tmp_path)
+    with pytest.raises(CheckpointError, match="int3.*fp32.*bf16.*int8.*int4.*auto"):
+        msrnn.load_model(path, dtype="int3")
+    with pytest.raises(InputError, match="CPU only.*bf16"):
+        quant.check_device(msrnn.load_model(path, dtype="int8"), "cuda")
+    quant.check_device(msrnn.load_model(path, dtype="bf16"), "cuda")  # float weights go anywhere
+
+
+def test_auto_keeps_a_safetensors_checkpoints_precision(tmp_path):
+    model = hf_model("llama", hidden_size=64, intermediate_size=96)
+    path = save(model.to(torch.bfloat16), tmp_path / "bf16")
+    assert quant.weight_format(msrnn.load_model(path, dtype="auto")) == "bf16"
+    path = save(model.float(), tmp_path / "fp32")
+    assert quant.weight_format(msrnn.load_model(path, dtype="auto")) == "fp32"
+
+
+def test_bundled_model_in_its_own_precision():
+    """The bundled Q4_1/Q8_0 file under auto: int4 layers, an int8 head, fp32 around them; on real text the top-1
+    token agrees with the fp32-dequantized model almost everywhere (measured PPL: docs/results/bench)."""
+    model, tok = msrnn.load(dtype="auto")
+    assert quant.weight_format(model) == "int4+int8" and model.dtype == torch.float32
+    ref = msrnn.load_model(dtype="fp32")
+    ids = torch.tensor([tok.encode("It is a truth universally acknowledged, that a single man in possession of a "
+                                   "good fortune, must be in want of a wife. However little known the feelings")])
+    a, b = ref(ids)[0], model(ids)[0]
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.85
+    w = ref.layers[3].gate_up.weight
+    assert torch.allclose(model.layers[3].gate_up.dequantize(), w, rtol=0, atol=4 * BF16 * w.abs().max())
