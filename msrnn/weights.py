@@ -159,16 +159,19 @@ def build(cfg: Config, hf_tensors: dict, fmt: str, identity: str):
     with torch.device("meta"):
         model = Transformer(cfg)
     linears = [f"layers.{n}.{part}" for n in range(cfg.num_hidden_layers) for part in ("qkv", "o", "gate_up", "down")]
+    if "lm_head.weight" not in sd and (fmt in ("int8", "int4") or coded):  # int weights: a tied head gets an int copy
+        sd["lm_head.weight"] = sd["embed.weight"]
     if "lm_head.weight" in sd:
         linears.append("lm_head")
-    elif fmt in ("int8", "int4") or coded:  # int weights: the tied head gets its own int copy
-        sd["lm_head.weight"] = sd["embed.weight"]
-        linears.append("lm_head")
+    formats = {name: quant.native_format(sd[name + ".weight"], compute) if fmt == "auto" else fmt for name in linears}
+    embed = sd["embed.weight"]
+    if isinstance(embed, quant.Codes):  # one float copy serves the lookup table and a tied head
+        table = embed.dequantize()
+        sd = {k: table if v is embed else v for k, v in sd.items()}
     for name in linears:
         w, bias = sd.pop(name + ".weight"), sd.pop(name + ".bias", None)
         parent, _, attr = name.rpartition(".")
-        layer = quant.linear(quant.native_format(w, compute) if fmt == "auto" else fmt, w, bias)
-        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        setattr(model.get_submodule(parent) if parent else model, attr, quant.linear(formats[name], w, bias))
     sd = {k: (v.dequantize() if isinstance(v, quant.Codes) else v).to(dtype) for k, v in sd.items()}  # embed, norms
     model.load_state_dict(sd, assign=True, strict=False)
     left = [k for k, v in model.state_dict().items() if v.is_meta]
