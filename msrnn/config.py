@@ -127,8 +127,8 @@ class Config:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}).") from e
         return cls.from_dict(d)
 
 
