@@ -592,3 +592,9 @@ def test_cli_checks_every_argument_before_running_a_policy_file(tmp_path, capsys
         assert stop.value.code == 2 and err.startswith("msrnn: error: ") and "{" not in err, err
         assert re.search(message, err), (message, err)
         assert not marker.exists(), f"{args} ran the policy file before refusing"
+
+
+@pytest.mark.parametrize("spec, match", [("sinks(sinks=2.5)", "sinks=2.5 must be a whole number"),
+                                         ("tova-recent(recent=1.5)", "recent=1.5 must be a whole number")])
+def test_policy_settings_that_count_tokens_are_whole(spec, match):
+    refused(InputError, match, lambda: make_policy(spec, 8))
