@@ -372,12 +372,12 @@ def run(args) -> int:
     """`msrnn bench` (it loads the model itself: transformers needs the same source)."""
     from .weights import load_model, resolve
 
+    lists = {key: _ints(getattr(args, key)) for key in ("positions", "bounded_positions", "budget_states")}
     source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=args.dtype)
-    res = run_bench(model, source, policy_name=args.policy, states=args.states, positions=_ints(args.positions),
-                    bounded_positions=_ints(args.bounded_positions), steps=args.steps,
+    res = run_bench(model, source, policy_name=args.policy, states=args.states, **lists, steps=args.steps,
                     prefill_tokens=args.prefill_tokens, budget_context=args.budget_context,
-                    budget_states=_ints(args.budget_states), compare=args.compare == "transformers",
+                    compare=args.compare == "transformers",
                     stream_tokens=args.stream_tokens, stream_states=args.stream_states)
     text = report(res)
     print(text)

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Iterator
 
-from .generate import (check_generation, check_sampling, describe_state, generate, resolve_policy, sampling_settings,
-                       write_stream)
+from .generate import (check_generation, check_sampling, check_settings, describe_state, generate, resolve_policy,
+                       sampling_settings, write_stream)
 from .policies import Policy
 
 CHAT_DEFAULT_POLICY, CHAT_DEFAULT_STATES = "tova", 512
@@ -23,7 +23,8 @@ def run_chat(args, load) -> None:
         args.policy, args.states = CHAT_DEFAULT_POLICY, args.states or CHAT_DEFAULT_STATES
         print(f"msrnn: policy {args.policy} with {args.states} states (change with --policy/--states; "
               "--policy full is the unbounded transformer)", file=sys.stderr)
-    policy = resolve_policy(args.policy, args.states, args.positions)
+    check_settings(args)
+    policy = resolve_policy(args.policy, args.states, args.positions)  # last: it may run a policy file
     model, tokenizer = load()
     session = ChatSession(model, tokenizer, policy, system=args.system, **sampling_settings(args))
     interactive = sys.stdin.isatty()

@@ -235,8 +235,9 @@ def physical_cores() -> int:
 
 
 def configure(args) -> None:
-    """--threads and --device, checked before anything is loaded."""
+    """--threads, --device and --out, checked before anything is loaded (or a policy file is run)."""
     import torch
+    from pathlib import Path
 
     threads = getattr(args, "threads", None)
     if threads is not None and (threads < 1 or threads > 4096):
@@ -244,6 +245,9 @@ def configure(args) -> None:
                          f"{os.cpu_count()} logical cores).")
     if threads is not None or "OMP_NUM_THREADS" not in os.environ:  # an explicit OMP_NUM_THREADS is respected
         torch.set_num_threads(threads or physical_cores())
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out} is an existing file; --out names a folder to write into: give another path.")
     device = getattr(args, "device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: torch sees no CUDA device here (a CPU build of torch, or no GPU); "

@@ -127,8 +127,8 @@ class Config:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}).") from e
         return cls.from_dict(d)
 
 
@@ -165,7 +165,10 @@ def _rope_from_dict(d: dict) -> RopeConfig:
     """RoPE settings from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling` (older files)."""
     params = d.get("rope_parameters")
     if params is None:
-        params = dict(d.get("rope_scaling") or {})
+        scaling = d.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"rope_scaling must be a dict or null, got {scaling!r}.")
+        params = dict(scaling or {})
         params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     if not isinstance(params, dict):
         raise ConfigError(f"rope_parameters must be a dict, got {params!r}.")

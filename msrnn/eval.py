@@ -199,7 +199,7 @@ def _check_run(prefill: str, prompt: int | None, T: int) -> int:
         return T // 2 if prefill == "fast" else 0
     if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt <= T - 1:
         raise InputError(f"prompt={prompt!r} must be an integer in 0..{T - 1} (tokens of each chunk read before "
-                         "scoring starts) for chunks of T={T} tokens.")
+                         f"scoring starts) for chunks of T={T} tokens.")
     return prompt
 
 
@@ -363,18 +363,50 @@ def _load_results(path: Path, settings: dict, resume: bool) -> dict[tuple, dict]
     a fresh file holding the settings."""
     if resume and path.is_file():
         lines = [_parse(line) for line in path.read_text().splitlines()]
-        lines = [line for line in lines if line]  # a line cut short by a kill is simply not a finished unit
-        old = lines[0].get("settings", {}) if lines else {}
+        lines = [line for line in lines if line is not None]  # a line cut short by a kill is not a finished unit
+        old = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
+        if not isinstance(old, dict):
+            raise InputError(f"--resume: {path} does not start with the settings line msrnn writes; it is not a "
+                             "results file of `msrnn eval ppl`. Drop --resume (or choose another --out) to start again.")
         diff = [f"{k} {settings[k]!r} (was {old.get(k)!r})" for k in settings if old.get(k) != settings[k]]
         if diff:
             raise InputError(f"--resume: {path} was made with other settings: {'; '.join(diff)}. Rerun with the "
                              "same settings, or drop --resume (or choose another --out) to start again.")
+        for i, unit in enumerate(lines[1:], start=2):
+            if problem := unit_problem(unit):
+                raise InputError(f"--resume: unit {i} of {path} is not one msrnn wrote ({problem}); delete that line "
+                                 "(its cell is then computed again) or drop --resume to start afresh.")
         return {(u["policy"], u["states"], u["batch"]): u for u in lines[1:]}
     if path.is_file():
         print(f"msrnn: starting afresh: replacing {path} (use --resume to continue it)", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": settings}) + "\n")
     return {}
+
+
+def unit_problem(u) -> str | None:
+    """What is wrong with one unit read back from a results file, if anything: the keys `sums()` writes, with
+    counts that are non-negative integers, sums that are finite numbers, and per-chunk lists that add up."""
+    def is_int(x, lo=0):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+    def is_number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(u, dict):
+        return f"a JSON {type(u).__name__}, not an object"
+    if not isinstance(u.get("policy"), str) or not (u.get("states", 0) is None or is_int(u.get("states"), 1)) \
+            or not is_int(u.get("batch")):
+        return "policy, states or batch missing or of the wrong type"
+    if not is_int(u.get("tokens"), 1) or not is_int(u.get("agree")) or u["agree"] > u["tokens"] \
+            or not all(is_number(u.get(k)) for k in ("loss", "kl")):
+        return "tokens, agree, loss or kl missing, negative or not finite"
+    chunks = [u.get(k) for k in ("chunk_tokens", "chunk_loss", "chunk_agree", "chunk_kl")]
+    if any(c is not None for c in chunks) and (
+            not all(isinstance(c, list) and len(c) == len(chunks[0]) and all(map(is_number, c)) for c in chunks)
+            or sum(chunks[0]) != u["tokens"]):
+        return "its per-chunk lists are missing, of different lengths, or do not add up to its tokens"
+    return None
 
 
 def _parse(line: str) -> dict | None:
@@ -525,13 +557,16 @@ def run_ppl(args, load) -> None:
         raise InputError(f"--batch {args.batch}: give a positive number of chunks per batch.")
     text_path = Path(args.text)
     text = read_text(text_path)
+    if args.context < 2 or args.chunks < 0:
+        raise InputError(f"--context {args.context} / --chunks {args.chunks}: give --context >= 2 (tokens per chunk) "
+                         "and --chunks >= 0 (0 = every chunk).")
+    prompt = _check_run(args.prefill, args.prompt, args.context)
     names, budgets = _parse_grid(args.policies, args.states, args.positions)  # last: it runs policy files
     if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
         names = ["full", *names]
     model, tokenizer = load()
     ids = tokenizer.encode(text)
     data, index = pick_chunks(ids, args.context, args.chunks)
-    prompt = _check_run(args.prefill, args.prompt, args.context)
     batch = min(args.batch or DEFAULT_BATCH, len(data))
     settings = {"model": model.identity, "dtype": args.dtype, "text": text_path.name,
                 "tokens_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "context": args.context,

@@ -77,12 +77,16 @@ def make_sampler(temperature: float, top_k: int | None, top_p: float | None, see
     return lambda logits: sample(logits, temperature, top_k, top_p, generator)
 
 
+def check_penalty(penalty) -> None:
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0:
+        raise InputError(f"repetition_penalty must be a number > 0 (1 = none, 1.1-1.3 typical), got {penalty!r}.")
+
+
 def penalize_repeats(pick: Callable[[torch.Tensor], torch.Tensor], rows: list[list[int]], vocab: int,
                      penalty: float, device) -> Callable[[torch.Tensor], torch.Tensor]:
     """`pick` with CTRL's repetition penalty (Keskar et al. 2019, as transformers applies it): the logit of every
     token already in a row's prompt or answer is divided by `penalty` if positive, multiplied by it if negative."""
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0:
-        raise InputError(f"repetition_penalty must be a number > 0 (1 = none, 1.1-1.3 typical), got {penalty!r}.")
+    check_penalty(penalty)
     seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # (B, V)
     for i, row in enumerate(rows):
         seen[i, row] = True
@@ -314,9 +318,17 @@ def sampling_settings(args) -> dict:
                 stop=tuple(args.stop or ()))
 
 
+def check_settings(args) -> None:
+    """The sampling options, checked before a policy file runs or the model loads (generate() checks them too)."""
+    check_generation(args.max_new_tokens, args.prefill)
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    check_penalty(args.repetition_penalty)
+
+
 def run_generate(args, load) -> None:
     """`msrnn generate`: stream the continuation of args.prompt; `load()` gives (model, tokenizer)."""
-    policy = resolve_policy(args.policy, args.states, args.positions)
+    check_settings(args)
+    policy = resolve_policy(args.policy, args.states, args.positions)  # last: it may run a policy file
     model, tokenizer = load()
     [prompt], _ = encode_prompts(args.prompt, tokenizer, args.chat)
     state = model.init_state(1, policy) if args.verbose else None  # our own state, to report on it afterwards

@@ -209,6 +209,21 @@ def attention_probs(q, keys, qpos, kpos, window, all_visible=False):
     return F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, Hkv, G, T, S) fp32 as in transformers
 
 
+def as_tokens(tokens, device) -> torch.Tensor:
+    """`tokens` (a tensor or nested lists of ids) as a tensor on `device`: text, floats or an empty batch are
+    refused here, with a message that says what to pass, instead of failing deep inside torch."""
+    try:
+        t = torch.as_tensor(tokens, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:  # ['a'], ragged lists, objects
+        raise InputError(f"tokens must be integer token ids (a tensor or lists of ints), got {str(tokens)[:60]}; "
+                         "encode text with the tokenizer first (tokenizer.encode(text)).") from e
+    if t.is_floating_point() or t.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise InputError(f"tokens must be integer ids, got dtype {t.dtype}.")
+    if t.dim() and t.shape[0] == 0:
+        raise InputError("tokens is empty (a batch of 0 rows): give at least one row of token ids.")
+    return t
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -268,7 +283,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """The reference: the ordinary causal transformer over tokens (B, T) -> logits (B, T, vocab), fp32."""
-        tokens = torch.as_tensor(tokens, device=self.embed.weight.device)  # on the model's device
+        tokens = as_tokens(tokens, self.embed.weight.device)  # on the model's device
         state = self.init_state(tokens.shape[0])
         return self._logits(self._advance(tokens, state, None))
 
@@ -278,7 +293,7 @@ class Transformer(nn.Module):
 
         The state is updated in place and returned (fork() it first to keep the old one). None starts a new one.
         """
-        tokens = torch.as_tensor(tokens, device=self.embed.weight.device)  # on the model's device
+        tokens = as_tokens(tokens, self.embed.weight.device)  # on the model's device
         if tokens.dim() != 1:
             raise InputError(f"step takes one token per batch row, shape (B,); got shape {tuple(tokens.shape)}. "
                              "Use prefill() for a prompt.")
@@ -300,7 +315,7 @@ class Transformer(nn.Module):
         attention (what the official TOVA code and kvpress do). Identical to "exact" when nothing is evicted.
         progress: called with the number of tokens after each chunk (a progress bar's update).
         """
-        tokens = torch.as_tensor(tokens, device=self.embed.weight.device)  # on the model's device
+        tokens = as_tokens(tokens, self.embed.weight.device)  # on the model's device
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise InputError(f"prefill takes a prompt of shape (B, T) with T >= 1; got shape {tuple(tokens.shape)}.")
         if mode not in PREFILL_MODES:

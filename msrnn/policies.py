@@ -110,6 +110,13 @@ class Window(Policy):
         return pos.float()  # newer = higher
 
 
+def _whole(name: str, key: str, value) -> int:
+    """A policy setting that counts tokens: 2.5 sinks is a mistake, not 2."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name}: {key}={value!r} must be a whole number of tokens.")
+    return value
+
+
 class Sinks(Policy):
     """StreamingLLM's Window+i: the first `sinks` tokens of the stream are kept forever, plus the k - i most recent."""
 
@@ -119,6 +126,7 @@ class Sinks(Policy):
 
     def __init__(self, states: int, sinks: int = 4, positions: str = "absolute"):
         super().__init__(states, positions)
+        sinks = _whole(self.name, "sinks", sinks)
         if sinks < 0 or sinks >= states:
             raise InputError(f"sinks: {sinks} sink tokens leave no room for a window in states={states}; "
                              f"give states > sinks (e.g. states={sinks + 60}) or fewer sinks.")
@@ -260,6 +268,7 @@ class TOVASink(TOVA):
 
     def __init__(self, states: int, sinks: int = 1, positions: str = "absolute"):
         super().__init__(states, positions)
+        sinks = _whole(self.name, "sinks", sinks)
         if sinks < 0 or sinks >= states:
             raise InputError(f"{self.name}: {sinks} sink tokens leave no room in states={states}; give fewer sinks.")
         self.sinks = sinks
@@ -275,7 +284,7 @@ class TOVARecent(TOVA):
 
     def __init__(self, states: int, recent: int | None = None, positions: str = "absolute"):
         super().__init__(states, positions)
-        self.recent = states // 8 if recent is None else recent
+        self.recent = states // 8 if recent is None else _whole(self.name, "recent", recent)
         if not 0 <= self.recent < states:
             raise InputError(f"{self.name}: recent={self.recent} must be in [0, states={states}).")
 

@@ -264,6 +264,8 @@ class State:
             return f"next_pos must be non-negative int64 of shape (batch,), got {nxt.dtype} {tuple(nxt.shape)}"
         if not self.layers:
             return "it holds no layer"
+        if self.layers[0].keys.dim() != 4:
+            return f"layer 0's keys have shape {tuple(self.layers[0].keys.shape)}, not (batch, kv heads, n, head_dim)"
         B, (Hkv, hd) = nxt.shape[0], (self.layers[0].keys.shape[1], self.layers[0].keys.shape[-1])
         for i, layer in enumerate(self.layers):
             k, v, pos, score = layer.keys, layer.values, layer.pos, layer.score

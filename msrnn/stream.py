@@ -110,9 +110,9 @@ def run_stream(args, load) -> None:
     """`msrnn eval stream`; `load()` gives (model, tokenizer)."""
     if args.tokens < 2 or args.window < 1:
         raise InputError(f"--tokens {args.tokens} / --window {args.window}: give --tokens >= 2 and --window >= 1.")
-    policy = make_policy(args.policy, args.states, args.positions)
     text_path = Path(args.text)
     text = read_text(text_path)
+    policy = make_policy(args.policy, args.states, args.positions)  # last: it may run a policy file
     model, tokenizer = load()
     ids, note = _stream_ids(tokenizer, text, args.tokens)
     limit = model.cfg.max_position_embeddings

@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import tokenizers as tk
 
-from .errors import MsrnnError
+from .errors import CheckpointError, MsrnnError
+from .template import render
 
 # How llama.cpp's `tokenizer.ggml.pre` names split text before byte-level BPE; it must be the split the merges were
 # learned with. "smollm"/"starcoder" isolate every digit first (their tokenizer.json has Digits(individual_digits)
@@ -34,11 +34,13 @@ class Tokenizer:
     """One checkpoint's tokenizer. Build it with `Tokenizer.from_pretrained(directory_or_gguf_file)`."""
 
     def __init__(self, backend, *, bos_id: int | None, eos_ids: Iterable[int] = (), add_bos: bool = False,
-                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
+                 source: str = "this tokenizer"):
         self._backend = backend  # _HFBackend or _SPBackend: encode (never adds BOS), decode, vocab_size
         self.bos_id, self.eos_ids, self.add_bos = bos_id, tuple(dict.fromkeys(eos_ids)), add_bos
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})  # {"bos_token": "<s>", ...}: variables of the template
+        self.source = source  # where it came from, for error messages
 
     @property
     def vocab_size(self) -> int:
@@ -47,16 +49,16 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
-        if path.suffix == ".gguf" or (path.is_file() and path.open("rb").read(4) == b"GGUF"):
-            return _from_gguf(path)
+        if path.suffix == ".gguf" or (path.is_file() and _magic(path) == b"GGUF"):
+            return _built(path, _from_gguf, path)
         if (path / "tokenizer.json").is_file():
-            backend = _HFBackend(tk.Tokenizer.from_file(str(path / "tokenizer.json")))
+            file, make = path / "tokenizer.json", lambda f: _HFBackend(tk.Tokenizer.from_file(str(f)))
         elif (path / "tokenizer.model").is_file():
-            backend = _SPBackend(str(path / "tokenizer.model"))
+            file, make = path / "tokenizer.model", lambda f: _SPBackend(str(f))
         else:
             raise MsrnnError(f"{path} has neither tokenizer.json nor tokenizer.model (nor is it a .gguf file); "
                              "a checkpoint directory needs one of them.")
-        return _from_directory(path, backend)
+        return _built(path, _from_directory, path, _built(file, make, file))
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first when `add_bos` (default: when the checkpoint asks for it)."""
@@ -73,8 +75,8 @@ class Tokenizer:
         if self.chat_template is None:
             raise MsrnnError("this tokenizer has no chat_template; format the prompt yourself or use a chat model.")
         variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
-        return _compile(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                   **variables)
+        return render(self.chat_template, self.source, messages=messages,
+                      add_generation_prompt=add_generation_prompt, **variables)
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
@@ -206,8 +208,10 @@ def _from_directory(path: Path, backend) -> Tokenizer:
         template = (path / "chat_template.jinja").read_text()
     elif (path / "chat_template.json").is_file():  # ... or, for processors, as {"chat_template": "..."}
         template = _read_json(path / "chat_template.json").get("chat_template", template)
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"the chat template in {path} must be a string, got {type(template).__name__}.")
     return Tokenizer(backend, bos_id=bos_id, eos_ids=[i for i in eos_ids if i is not None], add_bos=bool(add_bos),
-                     chat_template=template, special_tokens=names)
+                     chat_template=template, special_tokens=names, source=str(path))
 
 
 def _from_gguf(path: Path) -> Tokenizer:
@@ -215,6 +219,7 @@ def _from_gguf(path: Path) -> Tokenizer:
     from .gguf import read_gguf_metadata
 
     meta = {k[10:]: v for k, v in read_gguf_metadata(path).items() if k.startswith("tokenizer.")}
+    check_gguf_vocab(path, meta)
     model, tokens = meta.get("ggml.model"), meta.get("ggml.tokens") or []
     types = meta.get("ggml.token_type") or [_NORMAL] * len(tokens)
     vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}  # a duplicated string keeps its first id
@@ -255,35 +260,66 @@ def _from_gguf(path: Path) -> Tokenizer:
     return Tokenizer(_HFBackend(tok, per_segment=model == "llama"), bos_id=ids["bos"],
                      eos_ids=[ids[k] for k in ("eos", "eot", "eom") if ids[k] is not None],  # eot: end of turn
                      add_bos=bool(meta.get("ggml.add_bos_token", model == "llama")),  # transformers' defaults
-                     chat_template=meta.get("chat_template"), special_tokens=names)
+                     chat_template=meta.get("chat_template"), special_tokens=names, source=str(path))
 
 
-@functools.lru_cache(maxsize=16)
-def _compile(template: str):
-    """A jinja template in an environment like transformers': sandboxed, trim_blocks/lstrip_blocks, loop controls,
-    `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII, a `{% generation %}` tag (rendered as-is)."""
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(template)
+def _magic(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(4)
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object from `path` ({} if there is no such file)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}; re-download it.")
+    return data
+
+
+def _built(where: Path, build, *args):
+    """build(*args), with any foreign error (the tokenizers or sentencepiece library refusing a file, a setting of
+    the wrong type) turned into one CheckpointError that names `where`."""
+    try:
+        return build(*args)
+    except MsrnnError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"the tokenizer in {where} could not be built ({type(e).__name__}: {e}); its files are "
+                              "damaged or inconsistent: re-download them.") from e
+
+
+def check_gguf_vocab(path: Path, meta: dict) -> None:
+    """The tokenizer.ggml.* metadata `_from_gguf` needs, of the right types and sizes: tokens (strings), token types
+    and scores (one per token), merges (byte-level BPE), and special token ids inside the vocabulary."""
+    def fail(problem: str) -> CheckpointError:
+        return CheckpointError(f"GGUF file {path}: {problem}; the file is damaged or incomplete, re-download or "
+                               "re-convert it.")
+
+    model, tokens = meta.get("ggml.model"), meta.get("ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise fail("tokenizer.ggml.tokens must be a non-empty list of strings")
+    n = len(tokens)
+    for key, kind in (("ggml.token_type", int), ("ggml.scores", (int, float))):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != n
+                                  or not all(isinstance(x, kind) for x in value)):
+            raise fail(f"tokenizer.{key} must be a list of {n:,} numbers, one per token")
+    if model == "gpt2":
+        merges = meta.get("ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+            raise fail("a byte-level BPE ('gpt2') tokenizer needs tokenizer.ggml.merges, a list of 'left right' "
+                       "strings" + (", and it has none" if merges is None else ""))
+    if model == "llama" and meta.get("ggml.scores") is None:
+        raise fail("a sentencepiece ('llama') tokenizer needs tokenizer.ggml.scores, and it has none")
+    for key in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+        i = meta.get(f"ggml.{key}_token_id")
+        if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n):
+            raise fail(f"tokenizer.ggml.{key}_token_id is {i!r}, not an id of its {n:,} tokens")
+    template = meta.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise fail("tokenizer.chat_template must be a string")

@@ -62,7 +62,7 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = read_index(index)
     elif (directory / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -75,10 +75,98 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{directory} has no model.safetensors nor model.safetensors.index.json.")
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        if not (directory / shard).is_file():
+        path = directory / shard
+        if not path.is_file():
             raise CheckpointError(f"shard {shard} listed in model.safetensors.index.json is missing from {directory}.")
-        tensors.update(load_file(str(directory / shard)))
+        check_safetensors_header(path)
+        try:
+            part = load_file(str(path))
+        except Exception as e:  # safetensors' own errors (and OSError): the header scan above catches the usual ones
+            raise CheckpointError(f"{path} could not be read as safetensors ({type(e).__name__}: {e}); the file is "
+                                  "damaged: re-download it.") from e
+        if twice := sorted(set(part) & set(tensors)):
+            raise CheckpointError(f"{path} holds {twice[0]!r}, which another shard holds too; re-download the "
+                                  "checkpoint.")
+        check_finite(path, part)
+        tensors.update(part)
     return tensors
+
+
+# --- checks on checkpoint files (kept apart from the loading above) ----------------------------------------------
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def read_index(index: Path) -> list[str]:
+    """The shard files named by model.safetensors.index.json, each confined to the checkpoint directory: a name
+    like "../outside.safetensors" or "/etc/x" would read a file the checkpoint does not own. (Checked on the names,
+    not resolved paths: the hub cache links each shard to a blob outside the snapshot folder, legitimately.)"""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index} is not valid JSON ({e}); re-download it.") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} has no weight_map (a JSON object {{tensor name: shard file}}); the index is "
+                              "damaged: re-download it.")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        parts = Path(shard).parts
+        if not parts or Path(shard).is_absolute() or ".." in parts or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{index} names the shard {shard!r}, which is not a .safetensors file inside the "
+                                  "checkpoint directory; msrnn reads no file outside it. Fix or re-download the index.")
+    return shards
+
+
+def check_safetensors_header(path: Path) -> None:
+    """The cheap checks of a safetensors file, on its header alone: it is complete (the usual interrupted download),
+    its header is JSON of a sane size, and every tensor is floating point. Raises CheckpointError naming the fix."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is not None and n > MAX_HEADER:
+            raise CheckpointError(f"{path} claims a header of {n:,} bytes (safetensors allows {MAX_HEADER:,}): it is "
+                                  "not a safetensors file, or it is damaged; re-download it.")
+        if n is None or 8 + n > size:
+            raise CheckpointError(f"{path} is truncated ({size:,} bytes, shorter than its own header says): "
+                                  "re-download it.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: its header is not JSON ({e}); the file is damaged or not safetensors: "
+                                  "re-download it.") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its header is not a JSON object; the file is damaged: re-download it.")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{path}: the header entry of {name!r} is damaged; re-download the file.")
+        if info.get("dtype") not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {info.get('dtype')!r}; model weights must be "
+                                  f"floating point ({', '.join(FLOAT_DTYPES)}). Quantized (integer) checkpoints are "
+                                  "not supported: use the float original.")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {8 + n + end:,} bytes, the file has {size:,}; "
+                              "re-download it.")
+
+
+def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
+    """No weight is NaN or infinite (a damaged file, or a conversion that overflowed float16). aminmax propagates
+    NaN and is ~30x faster than isfinite(t).all() (no boolean copy of the tensor)."""
+    for name, w in tensors.items():
+        for t in (w.scale, w.offset) if isinstance(w, quant.Codes) else (w,):  # a GGUF block's codes are finite
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
+                continue
+            lo, hi = torch.aminmax(t)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values; the file is damaged (or "
+                                      "was converted with an overflow): re-download or re-convert it.")
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

@@ -4,7 +4,7 @@ import json
 import jinja2
 import pytest
 
-from msrnn.errors import MsrnnError
+from msrnn.errors import InputError, MsrnnError
 from msrnn.gguf import bundled_gguf_path
 from msrnn.tokenizer import Tokenizer
 
@@ -235,8 +235,9 @@ def test_tokenizer_json_chat_template_equals_transformers(json_dir):
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoTokenizer.from_pretrained(json_dir)
     assert ours == ref.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-    with pytest.raises(jinja2.TemplateError, match="bad role tool"):
+    with pytest.raises(InputError, match="refused the conversation: bad role tool") as e:  # raise_exception(...)
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    assert isinstance(e.value.__cause__, jinja2.TemplateError)
 
 
 def test_tokenizer_config_add_bos_false(json_dir, tmp_path):
