@@ -200,6 +200,9 @@ def add_eval(sub) -> None:
                    help="score only after the first P tokens of each chunk (default 0 exact, context/2 fast)")
     q.add_argument("--batch", type=int, default=DEFAULT_BATCH, metavar="N",
                    help="chunks run together in one batch state; results are saved after each batch")
+    q.add_argument("--compare", default=None, metavar="POLICY",
+                   help="also give every policy's PPL relative to this one of --policies, and the share of its gap "
+                        "to full closed, paired over the same chunks (bootstrap 95 %%)")
     q.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
     q.set_defaults(run="eval:run_ppl")
 

@@ -416,8 +416,12 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-def _parse_grid(policies: str, states: str, positions: str | None = None) -> tuple[list[str], list[int]]:
+def _parse_grid(policies: str, states: str, positions: str | None = None,
+                compare: str | None = None) -> tuple[list[str], list[int]]:
     names = [p.strip() for p in re.split(r",(?![^(]*\))", policies) if p.strip()]  # commas outside (...)
+    if compare is not None and (compare == "full" or compare not in names):
+        raise InputError(f"--compare {compare}: name one of the bounded policies of --policies "
+                         f"({', '.join(n for n in names if n != 'full')}), written as there.")
     if not names:
         raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
     try:
@@ -480,13 +484,41 @@ def summarize(units: dict, names: list[str], budgets: list[int], batches: int) -
             tokens = sum(u["tokens"] for u in parts)
             loss = sum(u["loss"] for u in parts) / tokens
             low = high = None
-            if all("chunk_loss" in u for u in parts):
-                low, high = bootstrap_ppl([x for u in parts for x in u["chunk_loss"]],
-                                          [x for u in parts for x in u["chunk_tokens"]])
+            chunks = {}
+            if all("chunk_loss" in u for u in parts):  # per chunk, in the same order for every cell (paired)
+                chunks = {key: [x for u in parts for x in u[key]] for key in ("chunk_loss", "chunk_tokens")}
+                low, high = bootstrap_ppl(chunks["chunk_loss"], chunks["chunk_tokens"])
             cells.append({"policy": name, "states": k, "tokens": tokens, "loss": loss, "ppl": math.exp(loss),
                           "ppl_low": low, "ppl_high": high, "top1_agreement": sum(u["agree"] for u in parts) / tokens,
-                          "kl": sum(u["kl"] for u in parts) / tokens})
+                          "kl": sum(u["kl"] for u in parts) / tokens, **chunks})
     return cells
+
+
+def paired(cells: list[dict], names: list[str], budgets: list[int], against: str, draws: int = 2000,
+           seed: int = 0) -> list[dict]:
+    """Each policy against `against` at the same budget, over the same chunks: the PPL ratio and the share of
+    `against`'s gap to the full model that the policy closes, (PPL_against - PPL) / (PPL_against - PPL_full), each
+    with a paired bootstrap 95 % interval (one draw of chunks serves all three PPLs). Per-cell intervals are wide
+    because chunks differ (some text is harder for every policy); paired over the same chunks, that shared part
+    cancels, which is what tells two policies apart."""
+    full = _cell(cells, "full", None)
+    rows = []
+    for name in names:
+        for k in budgets:
+            a, b = _cell(cells, name, k), _cell(cells, against, k)
+            if name in ("full", against) or not all("chunk_loss" in c for c in (a, b, full)):
+                continue
+            pick = torch.randint(0, len(a["chunk_loss"]), (draws, len(a["chunk_loss"])),
+                                 generator=torch.Generator().manual_seed(seed))
+            ppl = [(torch.tensor(c["chunk_loss"], dtype=torch.float64)[pick].sum(-1)
+                    / torch.tensor(c["chunk_tokens"], dtype=torch.float64)[pick].sum(-1)).exp() for c in (a, b, full)]
+            ratio, closed = ppl[0] / ppl[1], (ppl[1] - ppl[0]) / (ppl[1] - ppl[2])
+            point = (a["ppl"] / b["ppl"], (b["ppl"] - a["ppl"]) / (b["ppl"] - full["ppl"]))
+            rows.append({"policy": name, "states": k, "against": against, "ratio": point[0],
+                         "ratio_low": float(ratio.quantile(0.025)), "ratio_high": float(ratio.quantile(0.975)),
+                         "gap_closed": point[1], "gap_closed_low": float(closed.nan_to_num().quantile(0.025)),
+                         "gap_closed_high": float(closed.nan_to_num().quantile(0.975))})
+    return rows
 
 
 def bootstrap_ppl(chunk_loss: Sequence[float], chunk_tokens: Sequence[int], draws: int = 2000,
@@ -505,9 +537,11 @@ def _cell(cells: list[dict], name: str, k: int | None) -> dict:
     return next(c for c in cells if c["policy"] == name and c["states"] in (k, None))
 
 
-def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], title: str) -> str:
+def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], title: str,
+                    pairs: list[dict] = ()) -> str:
     """The paper's Table 3 layout: rows = policies, columns = states per layer; `full` (unbounded) repeated in every
-    column as the reference. Then the same grid for top-1 agreement and KL(full || policy)."""
+    column as the reference. Then the same grid for top-1 agreement and KL(full || policy), and the paired
+    comparison with one policy (`paired`) if asked for."""
     head = "| policy | " + " | ".join(str(k) for k in budgets) + " |\n|---|" + "---:|" * len(budgets)
     blocks = [f"# {title}"]
     for label, key, fmt in (("Perplexity", "ppl", "{:.2f}"), ("Top-1 agreement with full (%)", "top1_agreement", None),
@@ -520,6 +554,17 @@ def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], tit
         rows = [f"| {name} | " + " | ".join(
             "{ppl_low:.2f}–{ppl_high:.2f}".format(**_cell(cells, name, k)) for k in budgets) + " |" for name in names]
         blocks.insert(2, "## Perplexity: bootstrap 95 % interval over chunks\n\n" + head + "\n" + "\n".join(rows))
+    if pairs:
+        against = pairs[0]["against"]
+        cell = {(r["policy"], r["states"]): r for r in pairs}
+        for label, key, fmt in ((f"PPL / PPL of {against}, paired over the same chunks (bootstrap 95 %)", "ratio",
+                                 "{:.3f} [{:.3f}, {:.3f}]"),
+                                (f"Share of {against}'s gap to full closed, paired (bootstrap 95 %)", "gap_closed",
+                                 "{:.0%} [{:.0%}, {:.0%}]")):
+            rows = [f"| {name} | " + " | ".join(
+                fmt.format(*(cell[name, k][key + end] for end in ("", "_low", "_high"))) if (name, k) in cell else "–"
+                for k in budgets) + " |" for name in names if name not in ("full", against)]
+            blocks.append(f"## {label}\n\n{head}\n" + "\n".join(rows))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -561,7 +606,8 @@ def run_ppl(args, load) -> None:
         raise InputError(f"--context {args.context} / --chunks {args.chunks}: give --context >= 2 (tokens per chunk) "
                          "and --chunks >= 0 (0 = every chunk).")
     prompt = _check_run(args.prefill, args.prompt, args.context)
-    names, budgets = _parse_grid(args.policies, args.states, args.positions)  # last: it runs policy files
+    compare = getattr(args, "compare", None)
+    names, budgets = _parse_grid(args.policies, args.states, args.positions, compare)  # last: it runs policy files
     if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
         names = ["full", *names]
     model, tokenizer = load()
@@ -603,13 +649,16 @@ def run_ppl(args, load) -> None:
     if world > 1:  # every process appended its units to the one results file
         units = _load_results(results, settings, resume=True)
     cells = summarize(units, names, budgets, math.ceil(len(data) / batch))
+    pairs = paired(cells, names, budgets, compare) if compare else []
     title = (f"{text_path.name}: {len(data)} x {args.context} tokens, {args.prefill} prefill"
              + (f", scored after a {prompt}-token prompt" if prompt else ""))
-    table = markdown_tables(cells, names, budgets, title)
+    table = markdown_tables(cells, names, budgets, title, pairs)
     (out / "table.md").write_text(table)
-    write_csv(out / "table.csv", cells)
-    (out / "results.json").write_text(json.dumps({"settings": settings, "cells": cells,
-                                                   "seconds_this_run": round(time.perf_counter() - t0, 1)}, indent=2))
+    per_chunk = ("chunk_loss", "chunk_tokens")  # in results.jsonl already
+    write_csv(out / "table.csv", [{k: v for k, v in c.items() if k not in per_chunk} for c in cells])
+    (out / "results.json").write_text(json.dumps(
+        {"settings": settings, "cells": [{k: v for k, v in c.items() if k not in per_chunk} for c in cells],
+         "paired": pairs, "seconds_this_run": round(time.perf_counter() - t0, 1)}, indent=2))
     plot_grid(cells, names, budgets, out / "ppl.png", title)
     print(table)
     print(f"wrote {out}/table.md, table.csv, results.json, ppl.png ({results} holds the raw units)")

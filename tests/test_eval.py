@@ -3,6 +3,7 @@ empty state, whatever the shortcuts (shared prefix, full reference, many policie
 `msrnn eval ppl|stream` commands on a tiny checkpoint with a tiny word-level tokenizer (the real loading path)."""
 import csv
 import json
+import math
 import os
 import random
 
@@ -158,6 +159,32 @@ def test_eval_ppl_writes_table_csv_json_png(checkpoint, text_file, tmp_path, cap
     full = next(c for c in result["cells"] if c["policy"] == "full")
     assert full["tokens"] == 3 * 23 and full["top1_agreement"] == 1.0 and full["kl"] == 0.0
     assert (tmp_path / "ppl.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_pairs_every_policy_with_one_over_the_same_chunks(checkpoint, text_file, tmp_path, capsys):
+    """--compare tova: the PPL ratio and the share of TOVA's gap to full closed, each from the per-chunk sums of
+    results.jsonl (point values by hand here), with a paired interval that holds the point value; a name that is
+    not measured is refused before anything runs."""
+    assert main(ppl_args(checkpoint, text_file, tmp_path, "--policies", "tova,h2o,window", "--compare", "tova")) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    ppl = {(c["policy"], c["states"]): c["ppl"] for c in result["cells"]}
+    units = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()[1:]]
+    def by_chunks(name, k):  # PPL from the per-chunk sums (3 chunks over 2 batches)
+        parts = [u for u in units if u["policy"] == name and u["states"] == k]
+        return math.exp(sum(sum(u["chunk_loss"]) for u in parts) / sum(sum(u["chunk_tokens"]) for u in parts))
+    assert by_chunks("h2o", 6) == pytest.approx(ppl["h2o", 6], rel=1e-9)
+    pairs = {(r["policy"], r["states"]): r for r in result["paired"]}
+    assert set(pairs) == {(n, k) for n in ("h2o", "window") for k in (6, 12)}
+    for (name, k), r in pairs.items():
+        assert r["ratio"] == pytest.approx(ppl[name, k] / ppl["tova", k], rel=1e-9)
+        gap = (ppl["tova", k] - ppl[name, k]) / (ppl["tova", k] - ppl["full", None])
+        assert r["gap_closed"] == pytest.approx(gap, rel=1e-9)
+        assert r["ratio_low"] <= r["ratio"] <= r["ratio_high"]
+    table = (tmp_path / "table.md").read_text()
+    assert "PPL / PPL of tova, paired" in table and "| h2o | " in table.split("paired")[1]
+    with pytest.raises(SystemExit):
+        main(ppl_args(checkpoint, text_file, tmp_path / "x", "--policies", "tova,h2o", "--compare", "sinks"))
+    assert "--compare sinks" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_table(checkpoint, text_file, tmp_path, monkeypatch, capsys):
