@@ -107,7 +107,9 @@ class Int4Linear(nn.Module):
         k = x.shape[-1]
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), self.packed, GROUP,
                                               self.scale_zero)  # (rows, out + pad) bf16
-        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        if y.shape[1] != self.out_features:  # the kernel's padding rows
+            y = y[:, : self.out_features]
+        y = y.view(*x.shape[:-1], self.out_features)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:

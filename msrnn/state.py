@@ -135,11 +135,15 @@ class LayerState:
         if size == n:
             return
         slot = torch.arange(n, device=self.pos.device)
-        hole = ~live & (slot < size)  # (B, Hkv, n) free slots below the line
-        mover = (live & (slot >= size))[:, :, size:]  # (B, Hkv, n - size) survivors above it
-        holes_first = (~hole).to(torch.int8).argsort(dim=-1, stable=True)  # (B, Hkv, n) hole slots, in order, first
-        rank = mover.cumsum(dim=-1) - 1  # (B, Hkv, n - size) i-th mover -> i-th hole
-        target = torch.where(mover, holes_first.gather(-1, rank.clamp(min=0)), slot[size:])  # others stay put
+        mover = live[:, :, size:]  # (B, Hkv, n - size) survivors above the line
+        if n - size == 1:  # the recurrence's step: one survivor at most, into the row's one hole (the ring buffer)
+            hole = (~live[:, :, :size]).to(torch.int8).argmax(dim=-1, keepdim=True)  # (B, Hkv, 1)
+            target = torch.where(mover, hole, size)
+        else:
+            hole = ~live & (slot < size)  # (B, Hkv, n) free slots below the line
+            holes_first = (~hole).to(torch.int8).argsort(dim=-1, stable=True)  # (B, Hkv, n) holes, in order, first
+            rank = mover.cumsum(dim=-1) - 1  # (B, Hkv, n - size) i-th mover -> i-th hole
+            target = torch.where(mover, holes_first.gather(-1, rank.clamp(min=0)), slot[size:])  # others stay put
         for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
             src = buf[:, :, size:n].clone()
             buf.scatter_(2, target[..., None].expand_as(src), src)
