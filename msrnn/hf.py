@@ -46,10 +46,10 @@ import threading
 
 import torch
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .model import PREFILL_MODES, attend
 from .policies import Policy
-from .state import EMPTY, LayerState
+from .state import EMPTY, LayerState, State
 
 try:
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -180,7 +180,8 @@ class PolicyCache(Cache):
     `prefill(mode="fast")`). The model must run the "msrnn" attention (`attn_implementation=msrnn.hf.ATTENTION`
     at load, or `model.set_attn_implementation(msrnn.hf.ATTENTION)`)."""
 
-    def __init__(self, policy: Policy | None = None, prefill: str = "exact"):
+    def __init__(self, policy: Policy | None = None, prefill: str = "exact", state: State | None = None):
+        """state: continue a msrnn State (its LayerStates are used, not copied: the cache updates it in place)."""
         if policy is not None and not isinstance(policy, Policy):
             raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got "
                              f"{type(policy).__name__}; build one with msrnn.policies.make_policy(name, states).")
@@ -191,6 +192,15 @@ class PolicyCache(Cache):
                              "does not hand to a cache; use positions='absolute' with PolicyCache.")
         super().__init__(layers=[])
         self.policy, self.prefill = policy, prefill
+        if state is not None:
+            if state.rope_at_use:
+                raise InputError("this State caches un-rotated keys (shift/loglog positions); PolicyCache needs "
+                                 "absolute positions.")
+            for layer_state in state.layers:
+                layer = PolicyLayer(policy, prefill)
+                layer.state, layer.device, layer.is_initialized = layer_state, layer_state.keys.device, True
+                layer.seen = int(state.next_pos.max())
+                self.layers.append(layer)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:  # layers appear as the model first reaches them
@@ -257,3 +267,88 @@ def _new_tokens_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, m
 
 AttentionInterface.register(ATTENTION, policy_attention)
 AttentionMaskInterface.register(ATTENTION, _new_tokens_mask)
+
+
+# --- msrnn's recurrence interface on a transformers model: what `msrnn eval ppl --backend transformers` steps -------
+class Recurrence:
+    """A transformers causal LM behind the few methods of `msrnn.Transformer` that msrnn's evaluation calls
+    (`init_state`, `prefill`, `step`, `cfg.vocab_size`, `identity`), its states plain msrnn `State`s stepped through
+    a PolicyCache. So `msrnn.eval` runs unchanged on any transformers model, and the two backends give the same
+    tables (tests/test_hf.py)."""
+
+    def __init__(self, model, identity: str = "transformers"):
+        model.set_attn_implementation(ATTENTION)
+        self.hf = model
+        text = model.config.get_text_config(decoder=True)
+        self.cfg = _Dims(text)
+        self.identity = identity
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.dtype
+
+    def init_state(self, batch_size: int = 1, policy: Policy | None = None) -> State:
+        if getattr(policy, "positions", "absolute") != "absolute":
+            raise InputError("the transformers backend runs absolute positions only (transformers caches keys "
+                             "already rotated); drop --positions.")
+        states = getattr(policy, "states", None)
+        capacity = states + 2 if states is not None else 64
+        device = self.hf.get_input_embeddings().weight.device
+        return State.empty(self.cfg.num_hidden_layers, batch_size, self.cfg.num_key_value_heads, self.cfg.head_dim,
+                           capacity, self.dtype, meta={"model": self.identity}, device=device)
+
+    @torch.inference_mode()
+    def prefill(self, tokens, state: State | None = None, policy: Policy | None = None, mode: str = "exact",
+                all_logits: bool = False, chunk: int | None = None, progress=None):
+        """tokens (B, T) -> logits of the last token (B, V) fp32, or of every token (B, T, V); `state` advances.
+        One transformers forward per call (layer-major, evicting token by token in "exact" mode, as msrnn)."""
+        tokens = torch.as_tensor(tokens)
+        if state is None:
+            state = self.init_state(tokens.shape[0], policy)
+        device = self.hf.get_input_embeddings().weight.device
+        T = tokens.shape[1]
+        position_ids = (state.next_pos[:, None] + torch.arange(T, device=state.next_pos.device)).to(device)
+        logits = self.hf(tokens.to(device), position_ids=position_ids,
+                         cache=PolicyCache(policy, mode, state), use_cache=True).logits.float()  # (B, T, V)
+        state.next_pos = state.next_pos + T
+        if progress is not None:
+            progress(T)
+        return (logits if all_logits else logits[:, -1]), state
+
+    def step(self, tokens, state: State | None = None, policy: Policy | None = None):
+        logits, state = self.prefill(torch.as_tensor(tokens)[:, None], state, policy)
+        return logits, state
+
+
+class _Dims:
+    """The shape of a transformers text config, under msrnn's Config names."""
+
+    def __init__(self, config):
+        self.vocab_size = config.vocab_size
+        self.num_hidden_layers = config.num_hidden_layers
+        self.num_key_value_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_position_embeddings = config.max_position_embeddings
+
+
+def load(source=None, dtype="fp32", device: str = "cpu"):
+    """(Recurrence, msrnn Tokenizer) for a checkpoint directory, hub id or .gguf file (None: the bundled SmolLM2),
+    loaded by transformers. The tokenizer is msrnn's, so both backends read the same token ids."""
+    from transformers import AutoModelForCausalLM
+
+    from .tokenizer import Tokenizer
+    from .weights import parse_dtype, resolve
+
+    path = resolve(source)
+    torch_dtype = parse_dtype(dtype)
+    kwargs = {"dtype": torch_dtype, "attn_implementation": ATTENTION}
+    if device != "cpu":
+        kwargs["device_map"] = device  # a device, or "auto" to shard over several (accelerate)
+    try:
+        if path.is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"transformers could not load {path}: {type(e).__name__}: {e}") from None
+    return Recurrence(model.eval(), identity=f"transformers:{path.name}"), Tokenizer.from_pretrained(path)

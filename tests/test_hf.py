@@ -244,3 +244,37 @@ def test_misuse_is_one_clear_error(llama):
     with pytest.raises(InputError, match="cropped"):
         cache.crop(-1)
     assert hf(ids, cache=PolicyCache(make_policy("tova", K))).logits.isfinite().all()  # a clean state afterwards
+
+
+# --- msrnn eval ppl --backend transformers: the same table -------------------------------------------------------
+def test_eval_ppl_backends_give_the_same_table(tmp_path, capsys):
+    import json
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from msrnn.cli import main
+
+    words = [f"w{i}" for i in range(96)]  # + [UNK] = the tiny model's 97 ids
+    save(hf_model("llama", seed=3, max_position_embeddings=64), tmp_path / "tiny")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tiny" / "tokenizer.json"))
+    rng = random.Random(0)
+    (tmp_path / "story.txt").write_text(" ".join(rng.choice(words[:40]) for _ in range(200)))
+    for prefill in ("exact", "fast"):
+        cells = {}
+        for backend in ("msrnn", "transformers"):
+            out = tmp_path / f"{backend}-{prefill}"
+            assert main(["eval", "ppl", "--text", str(tmp_path / "story.txt"), "--model", str(tmp_path / "tiny"),
+                         "--policies", "full,window,sinks,h2o,tova,tova-decay", "--states", "6,12", "--context", "24",
+                         "--chunks", "3", "--batch", "2", "--prefill", prefill, "--backend", backend,
+                         "--out", str(out)]) == 0
+            cells[backend] = json.loads((out / "results.json").read_text())["cells"]
+        capsys.readouterr()
+        assert len(cells["msrnn"]) == len(cells["transformers"]) == 11
+        for ours, theirs in zip(cells["msrnn"], cells["transformers"]):
+            assert (ours["policy"], ours["states"]) == (theirs["policy"], theirs["states"])
+            assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=1e-5), (prefill, ours["policy"], ours["states"])
+            assert ours["top1_agreement"] == theirs["top1_agreement"]
+            assert ours["kl"] == pytest.approx(theirs["kl"], abs=1e-5)
