@@ -305,6 +305,12 @@ class Recurrence:
         tokens = torch.as_tensor(tokens)
         if state is None:
             state = self.init_state(tokens.shape[0], policy)
+        if mode == "exact" and tokens.shape[1] > 1 and policy is not None and not policy.layer_local:
+            logits = [self.prefill(tokens[:, t : t + 1], state, policy, mode, True)[0] for t in range(tokens.shape[1])]
+            if progress is not None:  # token by token, as msrnn's prefill runs such a policy
+                progress(tokens.shape[1])
+            logits = torch.cat(logits, dim=1)  # (B, T, V)
+            return (logits if all_logits else logits[:, -1]), state
         device = self.hf.get_input_embeddings().weight.device
         T = tokens.shape[1]
         position_ids = (state.next_pos[:, None] + torch.arange(T, device=state.next_pos.device)).to(device)
