@@ -154,9 +154,9 @@ class PolicyLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rows(beam_idx)
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rows(torch.as_tensor(indices).flatten() if not isinstance(indices, slice) else
-                   torch.arange(self.state.keys.shape[0])[indices] if self.state is not None else torch.tensor([]))
+    def batch_select_indices(self, indices) -> None:
+        if self.state is not None:
+            self._rows(torch.arange(self.state.keys.shape[0])[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:

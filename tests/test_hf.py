@@ -150,6 +150,19 @@ def test_generate_same_greedy_tokens(llama):
             assert out[b, width:].tolist() == mine, (name, b)
 
 
+def test_beam_search_reorders_the_rows(llama):
+    """Unbounded through the bridge, beam search (reorder_cache every step) picks transformers' own beams."""
+    hf, _ = llama
+    ids = tokens(2, 9, seed=9)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ours = hf.generate(ids, cache=PolicyCache(None), **kwargs)
+        hf.set_attn_implementation("eager")
+        theirs = hf.generate(ids, **kwargs)
+        hf.set_attn_implementation(hf_bridge.ATTENTION)
+    assert torch.equal(ours, theirs)
+
+
 # --- Qwen2 (msrnn does not load it): against transformers' DynamicCache evicted by the policy, token by token ----
 def policy_scan(hf, ids, policy):
     """transformers, eager attention, one token per call with its own DynamicCache; after every step each layer
