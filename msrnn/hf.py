@@ -241,6 +241,9 @@ def policy_attention(module, query, key, value, attention_mask, scaling=None, dr
         if kwargs.get(name) is not None:
             raise InputError(f"this model's attention uses {name!r}, which msrnn's attention does not implement.")
     B, H, T, hd = query.shape
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (B, T)):
+        raise InputError("PolicyCache takes a 2D attention mask (batch, tokens) of 1s and 0s; a prepared 4D mask "
+                         "cannot say which states a policy has kept. Pass the 2D padding mask.")
     Hkv = k.shape[1]
     policy = layer.policy
     each_token = layer.prefill == "exact" or T == 1
