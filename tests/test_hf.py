@@ -260,6 +260,8 @@ def test_misuse_is_one_clear_error(llama):
         PolicyCache(None, prefill="slow")
     cache = PolicyCache(make_policy("tova", K))
     hf(ids, cache=cache)
+    with pytest.raises(InputError, match="2D attention mask"):
+        hf(ids, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool), cache=PolicyCache(make_policy("tova", K)))
     with pytest.raises(InputError, match="layer_local"):
         hf(ids, cache=PolicyCache(make_policy("snapkv", 2)))
     with pytest.raises(InputError, match="cropped"):
