@@ -82,10 +82,10 @@ def held(layer_positions):
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
 def test_every_policy_equals_msrnn(model_type, request):
     hf, model = request.getfixturevalue(model_type)
-    ids = tokens(2, 22)
+    ids = tokens(2, 16)
     for name in NAMES:
         policy = make_policy(name, K)
-        split = prompt_split(policy, 14)
+        split = prompt_split(policy, 10)
         ours, state = run_msrnn(model, ids, split, policy)
         cache = PolicyCache(policy)
         theirs = run_hf(hf, cache, ids, split)
@@ -113,7 +113,7 @@ def test_ragged_batch_rows_equal_each_row_alone(model_type, request):
     """Batch 2, left padding: every real token's logits equal msrnn on that row alone; padding never enters the
     state and never scores (H2O, tova-decay) or evicts."""
     hf, model = request.getfixturevalue(model_type)
-    lengths, extra = (9, 14), 6
+    lengths, extra = (7, 10), 4
     rows = [tokens(1, n + extra, seed=10 + n)[0] for n in lengths]
     width = max(lengths)
     ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), r]) for n, r in zip(lengths, rows)])
@@ -210,10 +210,10 @@ def qwen2():
 
 
 def test_qwen2_every_policy_equals_token_by_token_oracle(qwen2):
-    ids = tokens(2, 18, seed=7)
+    ids = tokens(2, 13, seed=7)
     for name in POLICIES:
         policy = make_policy(name, K)
-        ours = run_hf(qwen2, PolicyCache(policy), ids, prompt_split(policy, 12))
+        ours = run_hf(qwen2, PolicyCache(policy), ids, prompt_split(policy, 9))
         assert (ours - policy_scan(qwen2, ids, policy)).abs().max() <= TOL, name
 
 
