@@ -204,6 +204,8 @@ def add_eval(sub) -> None:
                    help="also give every policy's PPL relative to this one of --policies, and the share of its gap "
                         "to full closed, paired over the same chunks (bootstrap 95 %%)")
     q.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
+    q.add_argument("--backend", default="msrnn", choices=("msrnn", "transformers"),
+                   help="what runs the model: msrnn's own, or transformers with the policy in a msrnn.hf.PolicyCache")
     q.set_defaults(run="eval:run_ppl")
 
     s = ev.add_parser(
@@ -266,6 +268,10 @@ def load_model_and_tokenizer(args):
 
     if sys.stderr.isatty():
         print(f"msrnn: loading {args.model or BUNDLED}...", file=sys.stderr, flush=True)
+    if getattr(args, "backend", "msrnn") == "transformers":  # the same interface, run by transformers (msrnn.hf)
+        from .hf import load as load_transformers
+
+        return load_transformers(args.model, args.dtype, args.device)
     model, tokenizer = load(args.model, dtype=args.dtype)
     check_device(model, args.device)
     return model.to(args.device), tokenizer

@@ -75,55 +75,113 @@ class Block(nn.Module):
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
-        bounded = policy is not None and policy.states is not None
-        if bounded and each_token and T > 1:
-            layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
-        n0 = layer_state.size
-        layer_state.append(k, v, pos)  # n -> n + T states (the candidates)
-        # Queries 0..first-1 cannot cause an eviction (the layer holds <= k states until then): one parallel call.
-        first = T if not bounded or not each_token else min(max(policy.min_budget() - n0, 0), T)
-        if scheme != "absolute" and inv_freq.dim() == 2:
-            first = 0  # per-token dynamic RoPE re-rotates every kept key at each step: no parallel shortcut
-        S = layer_state.size
-        probs = self.attend_parallel(q[:, :, :, :first], layer_state, pos[:, :first], scheme, inv_freq, S - T)
-        if bounded and policy.keeps_score and first:
-            layer_state.score[:, :, :S] = policy.update(layer_state.score[:, :, :S], probs.reshape(B, H, first, S))
-        if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
-            kpos = layer_state.pos[:, :, :S]
-            prio = policy.priority(probs.reshape(B, H, T, S)[:, :, -1], kpos, layer_state.score[:, :, :S])
-            layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
-        if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
-            layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
-        if first < T:  # the recurrence: attend, then evict, one token at a time
-            inv_scan = inv_freq[first:] if inv_freq.dim() == 2 else inv_freq
-            probs = torch.cat([probs, scan(q[:, :, :, first:], layer_state, n0 + first, policy, scheme, inv_scan,
-                                           cfg.sliding_window)], dim=3)
-        out = probs.to(v.dtype).view(B, Hkv, -1, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G*T, hd)
-        if bounded:
-            layer_state.compact()  # evicted slots go to the newest survivors: the layer holds <= k slots again
-        out = out.view(B, Hkv, H // Hkv, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # (B, T, H*hd)
-        x = x + self.o(out)
+        out = attend(q, k, v, layer_state, pos, policy, each_token, scheme, inv_freq, cfg.sliding_window)
+        x = x + self.o(out)  # out (B, T, H*hd)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, I) each
         return x + self.down(F.silu(gate) * up)
 
-    def attend_parallel(self, q, layer_state, qpos, scheme, inv_freq, new_at):
-        """Probabilities (B, Hkv, G, T, S) of T queries over the layer's S states when none is evicted between
-        them. Keys of a rotate-at-use scheme are rotated here at their effective positions; query t sits where its
-        own key (slot new_at + t) sits."""
-        S, (B, Hkv, G, T, _) = layer_state.size, q.shape
-        if T == 0:
-            return torch.empty(B, Hkv, G, 0, S, device=q.device)
-        kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
-        if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
-            c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, q.dtype)  # (B, Hkv, S, hd)
-            keys = rotate(keys, c, s)
-            q = rotate(q, c[:, :, None, new_at : new_at + T], s[:, :, None, new_at : new_at + T])
-        last_is_newest = new_at + T == S  # no later token is in the layer yet
-        all_visible = T == 1 and last_is_newest and self.cfg.sliding_window is None and not layer_state.maybe_empty
-        return attention_probs(q, keys, qpos, kpos, self.cfg.sliding_window, all_visible)
+
+def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = True, scheme: str = "absolute",
+           inv_freq=None, window=None, valid=None, fused: bool = False) -> torch.Tensor:
+    """One layer's attention as the recurrence: T new tokens enter `layer_state`, attend, and the policy bounds it.
+
+    q (B, Hkv, G, T, hd) queries; k, v (B, Hkv, T, hd) the new keys and values (rotated at their absolute positions
+    unless the scheme rotates at use); pos (B, T) their absolute positions. Returns the attention output (B, T, H*hd).
+    `Block.forward` calls it between the projections; `msrnn.hf` calls it from inside a transformers model, which
+    is what makes a policy behave the same there by construction. Two arguments exist for that bridge only:
+    valid (B, T) bool marks padding tokens False: one never enters the state, and its query neither updates a score
+    nor evicts (its output is zeros); fused=True computes the attention of a policy that needs no probabilities
+    (window, sinks...) with torch's scaled_dot_product_attention instead of an explicit softmax."""
+    B, Hkv, G, T, hd = q.shape
+    H = Hkv * G
+    bounded = policy is not None and policy.states is not None
+    if valid is not None:
+        pos = pos.masked_fill(~valid, EMPTY)  # a padding token never enters: its slot is EMPTY from the start
+    if bounded and each_token and T > 1:
+        layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
+    n0 = layer_state.size
+    layer_state.append(k, v, pos)  # n -> n + T states (the candidates)
+    # Queries 0..first-1 cannot cause an eviction (the layer holds <= k states until then): one parallel call.
+    first = T if not bounded or not each_token else min(max(policy.min_budget() - n0, 0), T)
+    if scheme != "absolute" and inv_freq.dim() == 2:
+        first = 0  # per-token dynamic RoPE re-rotates every kept key at each step: no parallel shortcut
+    S = layer_state.size
+    needs_probs = bounded and (policy.needs_attention or policy.keeps_score)
+    if fused and not needs_probs and scheme == "absolute" and first:  # the output without the probabilities
+        probs, out = None, fused_attention(q[:, :, :, :first], layer_state, pos[:, :first], window)
+    else:
+        probs, out = attend_parallel(q[:, :, :, :first], layer_state, pos[:, :first], scheme, inv_freq, S - T,
+                                     window), None
+        if valid is not None:  # a padding query attends to nothing
+            probs = probs.masked_fill(~valid[:, None, None, :first, None], 0.0)
+    if bounded and policy.keeps_score and first:
+        layer_state.score[:, :, :S] = update_score(policy, layer_state.score[:, :, :S],
+                                                   probs.reshape(B, H, first, S), valid)
+    if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
+        kpos = layer_state.pos[:, :, :S]
+        last = probs.reshape(B, H, T, S)[:, :, -1] if probs is not None else None
+        prio = policy.priority(last, kpos, layer_state.score[:, :, :S])
+        layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
+    if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
+        layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
+    if first < T:  # the recurrence: attend, then evict, one token at a time
+        inv_scan = inv_freq[first:] if inv_freq is not None and inv_freq.dim() == 2 else inv_freq
+        rest = scan(q[:, :, :, first:], layer_state, n0 + first, policy, scheme, inv_scan, window,
+                    None if valid is None else valid[:, first:])
+        if out is None:
+            probs = torch.cat([probs, rest], dim=3)
+        else:  # fused parallel part: the recurrence's part gets its own product
+            out = torch.cat([out.view(B, Hkv, G, first, hd), rest.to(v.dtype) @ layer_state.values[:, :, None, :S]], 3)
+    if out is None:
+        out = probs.to(v.dtype).view(B, Hkv, -1, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G*T, hd)
+    if bounded:
+        layer_state.compact()  # evicted slots go to the newest survivors: the layer holds <= k slots again
+    return out.view(B, Hkv, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # (B, T, H*hd)
 
 
-def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -> torch.Tensor:
+def update_score(policy: Policy, score, attn, valid=None):
+    """policy.update over T queries attn (B, H, T, n); with valid (B, T), a padding query leaves its row's score as
+    it was (a zero attention is not neutral for every update: a moving average would decay)."""
+    if valid is None:
+        return policy.update(score, attn)
+    for t in range(attn.shape[2]):
+        score = torch.where(valid[:, t, None, None], policy.update(score, attn[:, :, t : t + 1]), score)
+    return score
+
+
+def attend_parallel(q, layer_state, qpos, scheme, inv_freq, new_at, window):
+    """Probabilities (B, Hkv, G, T, S) of T queries over the layer's S states when none is evicted between
+    them. Keys of a rotate-at-use scheme are rotated here at their effective positions; query t sits where its
+    own key (slot new_at + t) sits."""
+    S, (B, Hkv, G, T, _) = layer_state.size, q.shape
+    if T == 0:
+        return torch.empty(B, Hkv, G, 0, S, device=q.device)
+    kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
+    if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
+        c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, q.dtype)  # (B, Hkv, S, hd)
+        keys = rotate(keys, c, s)
+        q = rotate(q, c[:, :, None, new_at : new_at + T], s[:, :, None, new_at : new_at + T])
+    last_is_newest = new_at + T == S  # no later token is in the layer yet
+    all_visible = T == 1 and last_is_newest and window is None and not layer_state.maybe_empty
+    return attention_probs(q, keys, qpos, kpos, window, all_visible)
+
+
+def fused_attention(q, layer_state, qpos, window):
+    """The output (B, Hkv, G*T, hd) of T queries over the layer's states without materialising probabilities:
+    torch's fused kernel with the same visibility as attention_probs (for policies that never read attention)."""
+    B, Hkv, G, T, hd = q.shape
+    S = layer_state.size
+    kpos = layer_state.pos[:, :, :S]
+    age = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, Hkv, T, S)
+    visible = (kpos[:, :, None, :] != EMPTY) & (age >= 0)
+    if window is not None:
+        visible &= age < window
+    mask = visible[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
+    return F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, hd), layer_state.keys[:, :, :S],
+                                          layer_state.values[:, :, :S], attn_mask=mask)
+
+
+def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, valid=None) -> torch.Tensor:
     """The bounded recurrence of one layer over T queries whose keys and values are already in the layer (slots
     start .. start+T-1, after the states kept so far): token t enters, its query attends to every state held, and
     the policy drops what is over budget, before token t+1 enters. Returns the probabilities (B, Hkv, G, T, S).
@@ -132,7 +190,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
     in one matrix product. It is exact because a policy decides from its own layer alone (Policy.layer_local): the
     layer's inputs for all T tokens are known once the layer below has run. Nothing moves inside the loop; an
     evicted state only gets position EMPTY, so the scores of all T queries against all S slots are one product,
-    and a step is a masked softmax, the policy, and one scatter.
+    and a step is a masked softmax, the policy, and one scatter. valid (B, T): see `attend` (False = padding).
     """
     B, Hkv, G, T, hd = q.shape
     S = layer_state.size
@@ -155,7 +213,8 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
     # priorities, and slots in position order (Block.forward sorted them), so argmin's first minimum is the oldest.
     counts = (pos[:, :, :start] != EMPTY).sum(-1)  # (B, Hkv)
     live = int(counts.max())
-    plain = T > 1 and not overfull and not policy.drops and isinstance(budget, int) and live == int(counts.min())
+    plain = T > 1 and not overfull and not policy.drops and isinstance(budget, int) and live == int(counts.min()) \
+        and valid is None
     lowest, hidden = torch.finfo(q.dtype).min, torch.empty_like(pos, dtype=torch.bool)
     score = layer_state.score[:, :, :S]  # (B, Hkv, S) a view
     for t in range(T):
@@ -170,10 +229,12 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window) -
             row = scores[t]  # (B, Hkv, G, S)
         mask = hidden if too_old is None else hidden | too_old[t]
         p = F.softmax(row.masked_fill(mask[:, :, None], lowest), dim=-1, dtype=torch.float32)  # (B, Hkv, G, S)
+        if valid is not None:
+            p = p * valid[:, t, None, None, None]  # a padding query attends to nothing
         probs.select(0, t).copy_(p)
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
-            score.copy_(policy.update(score, attn[:, :, None]))
+            score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
         prio = check_priority(policy, policy.priority(attn, pos, score), pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1

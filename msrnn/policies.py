@@ -293,11 +293,62 @@ class TOVARecent(TOVA):
         return super().priority(attn, pos, score).masked_fill(pos > newest(pos) - self.recent, INF)
 
 
+# --- kvpress's field: policies from later papers, in the same contract ----------------------------------------------
+class SnapKV(Policy):
+    """SnapKV (Li et al. 2024, arXiv 2404.14469): a prompt is compressed once, by the votes of its last w queries
+    (the observation window), smoothed over neighbouring positions, per kv head:
+
+        C_j = sum_{i in window} sum_{h in group} A_{h,i,j}                       votes of state j (a prefix state)
+        P_j = (1 / s) sum_{|d| <= s // 2} C_{j+d}                               avg-pooled over s neighbours (0 past the ends)
+        keep  the w states of the window  +  the k - w prefix states of highest P_j
+
+    (A: attention probabilities; the official code's defaults w = 32, s = 5, avgpool.) It is a fast-prefill
+    policy: with `prefill="fast"` (one parallel pass over the prompt, then one eviction) this is SnapKV exactly.
+    SnapKV itself never evicts after the prompt; a msrnn policy keeps at most k after every step, so each later
+    query adds its vote to C (as H2O accumulates) and the newest w states stay. With `prefill="exact"` every
+    token is its own observation window, which makes it H2O with pooled scores and a protected window. (`msrnn eval
+    ppl --prefill fast` builds its prompt state by the recurrence, so there too every prompt query votes: the
+    window-only vote is `model.prefill(mode="fast")` and `PolicyCache(policy, prefill="fast")`.)"""
+
+    name = "snapkv"
+    needs_attention = False  # priority reads the votes kept in `score`, not the newest query's attention
+    layer_local = False  # `update` depends on how queries are grouped (only a call's last w vote): stepped token
+    # by token in an exact prefill, so that there every query votes, as when stepping
+    drops = False
+    min_states = 2
+
+    def __init__(self, states: int, window: int | None = None, kernel: int = 5, positions: str = "absolute"):
+        super().__init__(states, positions)
+        self.window = min(32, states // 2) if window is None else window
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 0 < self.window < states:
+            raise InputError(f"{self.name}: window={self.window!r} must be an integer in 1..{states - 1} (the "
+                             "observation window is kept and the rest of the budget chosen by its votes).")
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            raise InputError(f"{self.name}: kernel={kernel!r} must be a positive odd integer (pooling keeps length).")
+        self.kernel = kernel
+
+    def update(self, score, attn):
+        # the last w of the T new queries vote: (B, H, w, n) -> summed over each kv head's group and the queries
+        return score + per_kv_head(attn[:, :, -self.window :], score.shape[1]).sum(dim=(2, 3))
+
+    def priority(self, attn, pos, score):
+        window = pos > newest(pos) - self.window  # (B, Hkv, n) the newest w states
+        order = pos.argsort(dim=-1)  # pooling runs over neighbours in position order (slots are in no order)
+        votes = score.masked_fill(window | (pos == -1), 0.0).gather(-1, order)  # (B, Hkv, n) prefix votes, in order
+        B, Hkv, n = votes.shape
+        pooled = torch.nn.functional.avg_pool1d(votes.reshape(B * Hkv, 1, n), self.kernel, stride=1,
+                                                padding=self.kernel // 2).view(B, Hkv, n)
+        return torch.empty_like(pooled).scatter_(-1, order, pooled).masked_fill(window, INF)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(states={self.states}, window={self.window}, kernel={self.kernel})"
+
+
 POSITION_SCHEMES = ("absolute", "shift", "loglog")
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
-                        TOVADecay, TOVAMax, TOVASink, TOVARecent)
+                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV)
 }
 
 

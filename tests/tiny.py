@@ -12,10 +12,11 @@ DEFAULTS = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_a
 def hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A random transformers model in fp32 with eager attention. Norm weights are random too (a missing or
     misplaced RMSNorm must change the logits)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
     kwargs = {**DEFAULTS, **overrides}
-    cls_cfg, cls_model = (LlamaConfig, LlamaForCausalLM) if model_type == "llama" else (MistralConfig, MistralForCausalLM)
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]  # Qwen2: msrnn.hf tests only
+    cls_cfg, cls_model = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
     if model_type == "mistral":
         kwargs.setdefault("sliding_window", None)
     cfg = cls_cfg(attn_implementation="eager", **kwargs)
