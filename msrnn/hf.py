@@ -346,10 +346,14 @@ def load(source=None, dtype="fp32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     from .tokenizer import Tokenizer
-    from .weights import parse_dtype, resolve
+    from .weights import parse_format, resolve
 
+    fmt = parse_format(dtype)
+    if fmt in ("int8", "int4"):
+        raise InputError(f"dtype {fmt}: the transformers backend runs float weights; use fp32 or bf16 (or msrnn's own "
+                         "backend for int weights).")
     path = resolve(source)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = torch.bfloat16 if fmt == "bf16" else torch.float32  # auto: transformers dequantizes GGUF to float
     kwargs = {"dtype": torch_dtype, "attn_implementation": ATTENTION}
     if device != "cpu":
         kwargs["device_map"] = device  # a device, or "auto" to shard over several (accelerate)
