@@ -358,9 +358,10 @@ def _record(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _load_results(path: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
-    """Finished units {(policy, states, batch): sums} from a previous run with the same settings (--resume), else
-    a fresh file holding the settings."""
+def _load_results(path: Path, settings: dict, resume: bool,
+                  key: Callable[[dict], tuple] = lambda u: (u["policy"], u["states"], u["batch"])) -> dict[tuple, dict]:
+    """Finished units {key(unit): unit} ({(policy, states, batch): sums} for eval ppl) from a previous run with the
+    same settings (--resume), else a fresh file holding the settings."""
     if resume and path.is_file():
         lines = [_parse(line) for line in path.read_text().splitlines()]
         lines = [line for line in lines if line]  # a line cut short by a kill is simply not a finished unit
@@ -369,7 +370,7 @@ def _load_results(path: Path, settings: dict, resume: bool) -> dict[tuple, dict]
         if diff:
             raise InputError(f"--resume: {path} was made with other settings: {'; '.join(diff)}. Rerun with the "
                              "same settings, or drop --resume (or choose another --out) to start again.")
-        return {(u["policy"], u["states"], u["batch"]): u for u in lines[1:]}
+        return {key(u): u for u in lines[1:]}
     if path.is_file():
         print(f"msrnn: starting afresh: replacing {path} (use --resume to continue it)", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
