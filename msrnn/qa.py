@@ -346,7 +346,8 @@ def run_recall(args, load) -> None:
     out = Path(args.out)
     cells, units = _run(args, model, tokenizer, trials, names, budgets, settings, out, "recall")
     rows = summarize(units, cells, trials, ("pairs",))
-    lengths = {n: sorted({len(t) for t in trials if t.coords["pairs"] == n}) for n in pairs}
+    lengths = {n: sorted({len(t.context) + len(t.queries[0].ids) for t in trials if t.coords["pairs"] == n})
+               for n in pairs}
     title = (f"Associative recall: {args.seeds} contexts x {args.queries} queries per number of pairs, "
              f"{args.prefill} prefill")
     table = (f"# {title}\n\nAccuracy % [Wilson 95 % interval] (correct/answers). Prompt tokens (context + one "
@@ -389,7 +390,7 @@ def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: l
 # --- which layers dropped the needle ------------------------------------------------------------------------------
 def trace_failures(model, tokenizer, trials, units, cells, args, out: Path) -> None:
     """For up to args.trace_failures needles a bounded cell missed while the full model found them (one per cell
-    first): rerun the prompt alone under the retention recorder and write which layers still held the needle's
+    first, each cell's needle nearest the question first): rerun the prompt alone under the retention recorder and write which layers still held the needle's
     tokens when the question was asked (trace.md, trace-*.png). Exact prefill only (the recorder runs the
     recurrence)."""
     from .inspect import record_retention
@@ -398,7 +399,8 @@ def trace_failures(model, tokenizer, trials, units, cells, args, out: Path) -> N
         print("msrnn: --trace-failures follows the recurrence: skipped for --prefill fast.", file=sys.stderr)
         return
     by_key = {t.key: t for t in trials}
-    failed = [(name, k, t.key) for name, k in cells if k is not None for t in trials
+    failed = [(name, k, t.key) for name, k in cells if k is not None
+              for t in sorted(trials, key=lambda t: len(t.context) - t.span[1])  # the needle nearest the question first
               if units[("full", None, t.key)]["correct"][0] and not units[(name, k, t.key)]["correct"][0]]
     first = list({(name, k): (name, k, key) for name, k, key in reversed(failed)}.values())[::-1]  # one per cell
     picked = list(dict.fromkeys(first + failed))[: args.trace_failures]
