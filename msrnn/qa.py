@@ -54,24 +54,19 @@ def _groups(policies: Sequence[Policy | None]) -> list[list[int]]:
     return full + list(schemes.values())
 
 
-def _prefix(members: Sequence[Policy | None], context: int, prefill: str) -> int:
+def _prefix(members: Sequence[Policy], context: int, prefill: str) -> int:
     """Context tokens every member reads as the full model does (no eviction yet): one shared parallel prefill."""
-    if members[0] is None:
-        return context
     if prefill == "fast":  # the one eviction happens at the last context token
         return context - 1
     return min(min(m.states for m in members), context)
 
 
 def steps(trials: Sequence[Trial], policies: Sequence[Policy | None], prefill: str) -> int:
-    """Prompt tokens a batch reads after the shared prefixes (the progress bar's unit; decoding is not counted)."""
-    queries = sum(trials[0].shape[1:])
-    total = 0
-    for idx in _groups(policies):
-        members = [policies[i] for i in idx]
-        total += len(trials[0].context) - (0 if members[0] is None else _prefix(members, len(trials[0].context),
-                                                                                  prefill)) + queries
-    return total
+    """Prompt tokens a batch reads by the model beyond the shared prefixes (the progress bar's unit; the answers'
+    tokens are not counted): full reads the whole context in one pass, a bounded group what follows its prefix."""
+    context, queries = len(trials[0].context), sum(trials[0].shape[1:])
+    groups = [[policies[i] for i in idx] for idx in _groups(policies)]
+    return sum(context - (0 if g[0] is None else _prefix(g, context, prefill)) + queries for g in groups)
 
 
 @torch.inference_mode()
@@ -190,7 +185,7 @@ def accuracy_table(rows: list[dict], cells, axis: str, title: str) -> str:
     """Markdown: one row per cell, one column per value of `axis`: accuracy % and its Wilson 95 % interval."""
     values = list(dict.fromkeys(r[axis] for r in rows))
     at = {(r["policy"], r["states"], r[axis]): r for r in rows}
-    lines = [f"## {title}", "", f"| policy | " + " | ".join(f"{axis} {v:g}" for v in values) + " |",
+    lines = [f"## {title}", "", "| policy | " + " | ".join(f"{axis} {v:g}" for v in values) + " |",
              "|---|" + "---:|" * len(values)]
     for name, k in cells:
         lines.append(f"| {_label(name, k)} | " + " | ".join(
@@ -205,10 +200,6 @@ def _cells(names: list[str], budgets: list[int]) -> list[tuple[str, int | None]]
 
 def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, what: str) -> tuple[list, dict]:
     """The shared part of both commands: the grid with a progress bar, resumable. Returns (cells, units)."""
-    if args.batch < 1:
-        raise InputError(f"--batch {args.batch}: give a positive number of trials per batch.")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
     cells = _cells(names, budgets)
     done = _load_results(out / RESULTS, settings, args.resume, key=_unit_key)
     print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells, {args.prefill} prefill, batch "
@@ -232,6 +223,13 @@ def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, wh
 
 
 def _grid(args) -> tuple[list[str], list[int]]:
+    """Policy names (full first) and budgets, after the options both commands share are checked (before loading)."""
+    if args.batch < 1:
+        raise InputError(f"--batch {args.batch}: give a positive number of trials per batch.")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
+    if args.seeds < 1:
+        raise InputError(f"--seeds {args.seeds}: give at least 1 trial per cell.")
     names, budgets = _parse_grid(args.policies, args.states, args.positions)
     if "full" not in names:  # the ceiling: always measured, always first
         names = ["full", *names]
@@ -246,12 +244,6 @@ def _ints(text: str, option: str, low: int = 0) -> list[int]:
     if not values or min(values) < low:
         raise InputError(f"{option} {text!r}: give integers >= {low}.")
     return values
-
-
-def _seeds(n: int) -> list[int]:
-    if n < 1:
-        raise InputError(f"--seeds {n}: give at least 1 trial per cell.")
-    return list(range(n))
 
 
 def _write(out: Path, settings: dict, rows: list[dict], table: str) -> None:
@@ -281,7 +273,7 @@ def run_needle(args, load) -> None:
         print(f"msrnn: note: lengths past the model's trained context ({model.cfg.max_position_embeddings}) test "
               "the full model out of its training range.", file=sys.stderr)
     haystack = tokenizer.encode(text, add_bos=False)
-    trials = needle_trials(tokenizer, haystack, lengths, depths, _seeds(args.seeds), args.needle, args.question,
+    trials = needle_trials(tokenizer, haystack, lengths, depths, range(args.seeds), args.needle, args.question,
                            args.digits)
     settings = {"task": "needle", "model": model.identity, "dtype": args.dtype, "text": text_path.name,
                 "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16], "needle": args.needle,
@@ -339,7 +331,7 @@ def run_recall(args, load) -> None:
     model, tokenizer = load()
     parts = chat_parts(tokenizer)
     trials = [recall_trial(tokenizer, n, s, args.queries, args.question, parts=parts)
-              for n in pairs for s in _seeds(args.seeds)]
+              for n in pairs for s in range(args.seeds)]
     settings = {"task": "recall", "model": model.identity, "dtype": args.dtype, "question": args.question,
                 "queries": args.queries, "prefill": args.prefill, "max_new_tokens": args.max_new_tokens,
                 "positions": args.positions or "absolute"}

@@ -274,3 +274,12 @@ def test_trace_names_the_layers_that_dropped_the_needle(loaded, book, tmp_path):
     median = float(torch.tensor([p + 10 - (b - 1) for p in range(a, b)]).float().median())
     assert row == f"| window k=10 | {trial.key} | 'nope' | 0/2 | 2/2 | {median:.0f} |"
     assert (tmp_path / f"trace-window-k10-{trial.key.replace('/', '-')}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bad_options_are_one_line_errors_before_loading(checkpoint, book, capsys):
+    for extra, message in ((["--seeds", "0"], "--seeds 0"), (["--batch", "0"], "--batch 0"),
+                           (["--depths", "0,120"], "0..100"), (["--lengths", "80,x"], "--lengths"),
+                           (["--states", "0"], "--states")):
+        with pytest.raises(SystemExit) as stop:
+            main(needle_args(checkpoint, book, "unused", *extra))
+        assert stop.value.code == 2 and message in capsys.readouterr().err
