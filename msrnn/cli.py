@@ -2,7 +2,7 @@
 its feature module with the parsed arguments (and, where it needs one, a `load()` that returns (model, tokenizer)).
 
     msrnn generate --chat "What is the capital of France?" --policy tova --states 64
-    msrnn chat | info | eval ppl | eval stream | inspect | bench              (each has its own --help)
+    msrnn chat | info | eval ppl|stream|needle|recall | inspect | bench       (each has its own --help)
 
 Options that mean the same thing everywhere are declared once: the model (--model --dtype --threads --device), the
 policy (--policy --states --positions, and --prefill where a prompt is read). Errors msrnn raises on purpose
@@ -167,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_eval(sub) -> None:
     from .eval import DEFAULT_BATCH, DEFAULT_POLICIES
 
-    p = sub.add_parser("eval", help="perplexity of bounded policies (the paper's Table 3) and long streams",
-                       description="The paper's language-modelling experiments. See `msrnn eval ppl --help` "
-                                   "and `msrnn eval stream --help`.")
+    p = sub.add_parser("eval", help="perplexity of bounded policies (the paper's Table 3), long streams, needle and "
+                                    "recall tasks",
+                       description="The paper's language-modelling experiments, and tasks with one right answer. See "
+                                   "`msrnn eval ppl|stream|needle|recall --help`.")
     ev = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
     q = ev.add_parser(
         "ppl", formatter_class=Formatter, help="PPL of policies x budgets on chunks of a text (Table 3)",
@@ -224,6 +225,64 @@ def add_eval(sub) -> None:
     s.add_argument("--full-tokens", type=int, default=None, metavar="N",
                    help="run the full model on the first N tokens (default min(max_position_embeddings, --tokens))")
     s.set_defaults(run="stream:run_stream")
+
+    from .qa import DEFAULT_TASK_POLICIES
+    from .tasks import NEEDLE, NEEDLE_QUESTION, RECALL_QUESTION
+
+    n = ev.add_parser(
+        "needle", formatter_class=Formatter, help="needle in a haystack: is one fact found, by policy and budget",
+        description="Hide a sentence with a random number (--needle) at depth d % of a passage of --text, the\n"
+                    "prompt exactly L tokens through the chat template, ask --question, and score the greedy\n"
+                    "answer's first number by exact match. --seeds trials (passage and number) per length x depth,\n"
+                    "for every policy x budget; full (the ceiling) is always run. Writes into --out: table.md\n"
+                    "(accuracy with Wilson 95 % intervals), cells.csv, results.json, needle-POLICY.png (the heatmap\n"
+                    "of depth x length per budget), results.jsonl (every answer; --resume) and, with\n"
+                    "--trace-failures N, trace.md and trace-*.png: which layers dropped the needle the full model\n"
+                    "found.",
+        epilog="example:\n  msrnn eval needle --text ../shared/data/pride-and-prejudice.txt --lengths 512,1024 "
+               "--depths 0,25,50,75,100 --seeds 3 --policies tova,h2o,window,sinks --states 128,256 --out out/needle")
+    text_options(n, "out/needle")
+    task_options(n, DEFAULT_TASK_POLICIES, "128,256")
+    n.add_argument("--lengths", default="512,1024", help="comma-separated prompt lengths L in tokens")
+    n.add_argument("--depths", default="0,25,50,75,100", help="comma-separated needle depths, %% of the passage")
+    n.add_argument("--needle", default=NEEDLE, help="the fact; {value} is replaced by the number")
+    n.add_argument("--question", default=NEEDLE_QUESTION, help="asked after the passage")
+    n.add_argument("--digits", type=int, default=5, help="digits of the random number")
+    n.add_argument("--trace-failures", type=int, default=0, metavar="N",
+                   help="rerun up to N needles full found and a policy lost under the retention recorder")
+    n.set_defaults(run="qa:run_needle")
+
+    r = ev.add_parser(
+        "recall", formatter_class=Formatter, help="associative recall: N key-value pairs, then questions",
+        description="N key-value pairs (common nouns -> distinct 4-digit numbers, as a JSON object) in a user's\n"
+                    "message, then --queries questions about distinct keys, each asked of the same state after the\n"
+                    "pairs; greedy answers, exact match of the first number. Accuracy as N and the budget vary,\n"
+                    "for every policy x budget; full (the ceiling) is always run. Writes table.md, cells.csv,\n"
+                    "results.json, recall.png and results.jsonl (--resume) into --out.",
+        epilog="example:\n  msrnn eval recall --pairs 4,8,16,32 --seeds 4 --queries 4 --policies tova,h2o,window,sinks "
+               "--states 32,64 --out out/recall")
+    r.add_argument("--out", default="out/recall", metavar="DIR", help="output folder")
+    task_options(r, DEFAULT_TASK_POLICIES, "32,64")
+    r.add_argument("--pairs", default="4,8,16,32", help="comma-separated numbers of key-value pairs N")
+    r.add_argument("--queries", type=int, default=4, metavar="Q", help="questions per context (distinct keys)")
+    r.add_argument("--question", default=RECALL_QUESTION, help="asked after the pairs; {key} is replaced by the key")
+    r.set_defaults(run="qa:run_recall")
+
+
+def task_options(p, policies: str, states: str) -> None:
+    """What `eval needle` and `eval recall` share: the model, the grid, trials per cell, batching and resuming."""
+    model_options(p)
+    p.add_argument("--policies", default=policies, help=f"comma-separated policies: {POLICY_FORMS}; full is always run")
+    p.add_argument("--states", default=states, help="comma-separated budgets k")
+    p.add_argument("--positions", default=None, choices=POSITION_SCHEMES, help="position scheme of every policy")
+    p.add_argument("--prefill", default="exact", choices=PREFILL_MODES,
+                   help="how the context is read: exact (the recurrence) or fast (one pass, one eviction); the "
+                        "question always comes after")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="trials (seeds) per cell")
+    p.add_argument("--batch", type=int, default=5, metavar="N",
+                   help="trials run together (x every cell); results are saved after each batch")
+    p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="longest answer")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
 
 
 # --- running -----------------------------------------------------------------------------------------------------

@@ -358,9 +358,11 @@ def _record(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _load_results(path: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
-    """Finished units {(policy, states, batch): sums} from a previous run with the same settings (--resume), else
-    a fresh file holding the settings."""
+def _load_results(path: Path, settings: dict, resume: bool,
+                  key: Callable[[dict], tuple] = lambda u: (u["policy"], u["states"], u["batch"]),
+                  problem: Callable[[dict], str | None] | None = None) -> dict[tuple, dict]:
+    """Finished units {key(unit): unit} ({(policy, states, batch): sums} for eval ppl) from a previous run with the
+    same settings (--resume), else a fresh file holding the settings."""
     if resume and path.is_file():
         lines = [_parse(line) for line in path.read_text().splitlines()]
         lines = [line for line in lines if line is not None]  # a line cut short by a kill is not a finished unit
@@ -373,10 +375,10 @@ def _load_results(path: Path, settings: dict, resume: bool) -> dict[tuple, dict]
             raise InputError(f"--resume: {path} was made with other settings: {'; '.join(diff)}. Rerun with the "
                              "same settings, or drop --resume (or choose another --out) to start again.")
         for i, unit in enumerate(lines[1:], start=2):
-            if problem := unit_problem(unit):
-                raise InputError(f"--resume: unit {i} of {path} is not one msrnn wrote ({problem}); delete that line "
+            if wrong := (problem or unit_problem)(unit):
+                raise InputError(f"--resume: unit {i} of {path} is not one msrnn wrote ({wrong}); delete that line "
                                  "(its cell is then computed again) or drop --resume to start afresh.")
-        return {(u["policy"], u["states"], u["batch"]): u for u in lines[1:]}
+        return {key(u): u for u in lines[1:]}
     if path.is_file():
         print(f"msrnn: starting afresh: replacing {path} (use --resume to continue it)", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
