@@ -373,6 +373,13 @@ def run(args) -> int:
     from .weights import load_model, resolve
 
     lists = {key: _ints(getattr(args, key)) for key in ("positions", "bounded_positions", "budget_states")}
+    counts = {"--states": args.states, "--steps": args.steps, "--prefill-tokens": args.prefill_tokens,
+              "--budget-context": args.budget_context, "--stream-states": args.stream_states,
+              "--stream-tokens": args.stream_tokens + 1, **{f"--{k.replace('_', '-')}": min(v, default=0) for k, v in lists.items()}}
+    for option, value in counts.items():  # every number checked before a policy file runs or the model loads
+        if value < 1:
+            raise InputError(f"{option}: give positive numbers (--stream-tokens may be 0 to skip the stream).")
+    make_policy(args.policy, args.states)  # an unknown name or a bad file:Class, before minutes of loading
     source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=args.dtype)
     res = run_bench(model, source, policy_name=args.policy, states=args.states, **lists, steps=args.steps,

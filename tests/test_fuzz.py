@@ -585,6 +585,8 @@ def test_cli_checks_every_argument_before_running_a_policy_file(tmp_path, capsys
         (["generate", "hi", "--temperature", "-1", "--policy", f"{policy}:P"], "temperature must be"),
         (["generate", "hi", "--threads", "-1", "--policy", f"{policy}:P"], "--threads -1: give a positive number"),
         (["eval", "stream", "--text", str(tmp_path / "missing.txt"), "--policy", f"{policy}:P"], "no such file"),
+        (["bench", "--steps", "0", "--policy", f"{policy}:P"], "--steps: give positive numbers"),
+        (["bench", "--budget-states", "0,256", "--policy", f"{policy}:P"], "--budget-states: give positive"),
     ]:
         with pytest.raises(SystemExit) as stop:
             main(args)
