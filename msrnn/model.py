@@ -289,7 +289,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # The table is made empty and initialised here only off the meta device: loading builds the model on "meta"
+        # and assigns the weights, and on torch 2.13 a random init on meta imports torch._dynamo (1.2 s of load time)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        if not self.embed.weight.is_meta:
+            nn.init.normal_(self.embed.weight)  # what nn.Embedding itself does
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
