@@ -4,7 +4,8 @@ At batch 1 a token's cost is reading the model's matrices from memory: 4 bytes a
 int4. PyTorch ships CPU kernels that multiply bf16 activations by weights kept in these formats, dequantizing inside
 the kernel (the gpt-fast recipe): `torch._weight_int8pack_mm` (one scale per output row) and
 `torch._weight_int4pack_mm_for_cpu` (a scale and a zero per group of 32 inputs). Both want bf16 activations (fp32 ones
-take a slow path, 20x slower), so a model with int weights computes in bf16.
+take a slow path, 20x slower), so the layers below cast their input to bf16 and their output back; everything around
+them (norms, RoPE, attention, the state) stays fp32, which on a CPU is faster than bf16 for those small operations.
 
     int8:  W[n, k] = s[n] * q[n, k]                        q in -128..127
     int4:  W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n]     q in 0..15, g = k // group
@@ -116,7 +117,7 @@ class Int4Linear(nn.Module):
         """The float matrix (out, in) the kernel multiplies by (a test's reference)."""
         k = self.scale_zero.shape[0] * GROUP
         eye = torch.eye(k, dtype=torch.bfloat16)
-        # W^T = I W^T: the kernel applied to the identity reads back every weight exactly as it uses it
+        # W^T = I W^T: the kernel applied to the identity reads back every weight as it uses it (bf16-rounded output)
         return torch._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero)[:, : self.out_features].T.float()
 
 
