@@ -211,10 +211,11 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
     budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
     # The common case in fewer operations: one budget, rows that all hold the same number of states, no "drop now"
     # priorities, and slots in position order (Block.forward sorted them), so argmin's first minimum is the oldest.
-    counts = (pos[:, :, :start] != EMPTY).sum(-1)  # (B, Hkv)
-    live = int(counts.max())
-    plain = T > 1 and not overfull and not policy.drops and isinstance(budget, int) and live == int(counts.min()) \
-        and valid is None
+    plain, live = T > 1 and not overfull and not policy.drops and isinstance(budget, int) and valid is None, 0
+    if plain:  # (a decode step, T = 1, skips these two host syncs)
+        counts = (pos[:, :, :start] != EMPTY).sum(-1)  # (B, Hkv)
+        live = int(counts.max())
+        plain = live == int(counts.min())
     lowest, hidden = torch.finfo(q.dtype).min, torch.empty_like(pos, dtype=torch.bool)
     score = layer_state.score[:, :, :S]  # (B, Hkv, S) a view
     for t in range(T):
