@@ -372,6 +372,9 @@ def run(args) -> int:
     """`msrnn bench` (it loads the model itself: transformers needs the same source)."""
     from .weights import load_model, resolve
 
+    if getattr(args, "device", "cpu") != "cpu":
+        raise InputError(f"--device {args.device}: msrnn bench times the CPU only (its floors and the transformers "
+                         "comparison run there); drop --device.")
     lists = {key: _ints(getattr(args, key)) for key in ("positions", "bounded_positions", "budget_states")}
     counts = {"--states": args.states, "--steps": args.steps, "--prefill-tokens": args.prefill_tokens,
               "--budget-context": args.budget_context, "--stream-states": args.stream_states,

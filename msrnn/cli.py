@@ -36,7 +36,7 @@ def model_options(p, dtype: str = "fp32") -> None:
                    help=f"checkpoint directory, .gguf file or hub id (default: {BUNDLED})")
     p.add_argument("--dtype", default=dtype, choices=FORMATS,
                    help="weights: fp32 (the exact reference), bf16, int8/int4 (weight-only, CPU; the rest computes in "
-                        "fp32), auto (the checkpoint's own: a GGUF's Q4 blocks as int4, Q8_0 as int8)")
+                        "fp32), auto (the checkpoint's own: a GGUF's Q4 blocks as int4, Q8_0 as int8; bf16 on a GPU)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads (default: the machine's physical cores, or OMP_NUM_THREADS if set)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
@@ -322,7 +322,7 @@ def configure(args) -> None:
 
 def load_model_and_tokenizer(args):
     """(model, tokenizer) from --model/--dtype, on --device: the one place the commands load a checkpoint."""
-    from .quant import check_device
+    from .quant import check_device, device_dtype
     from .weights import load
 
     if sys.stderr.isatty():
@@ -331,7 +331,7 @@ def load_model_and_tokenizer(args):
         from .hf import load as load_transformers
 
         return load_transformers(args.model, args.dtype, args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=device_dtype(args.dtype, args.device))
     check_device(model, args.device)
     return model.to(args.device), tokenizer
 

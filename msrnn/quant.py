@@ -219,6 +219,12 @@ def weight_format(model: nn.Module) -> str:
     return "+".join(sorted(kinds, key=["int4", "int8", "bf16", "fp32"].index))
 
 
+def device_dtype(dtype, device) -> str:
+    """`auto` where the int kernels cannot run (a GPU) means bf16: the checkpoint's precision as near as that
+    device gets. Anything else is what was asked for (and `check_device` refuses int weights off the CPU)."""
+    return "bf16" if dtype == "auto" and torch.device(device).type != "cpu" else dtype
+
+
 def check_device(model: nn.Module, device) -> None:
     """int weights run on CPU only (the kernels above); say so before torch fails inside one."""
     if torch.device(device).type != "cpu" and any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):

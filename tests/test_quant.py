@@ -125,6 +125,8 @@ def test_bad_dtype_and_device_say_what_to_do(tmp_path):
     with pytest.raises(InputError, match="CPU only.*bf16"):
         quant.check_device(msrnn.load_model(path, dtype="int8"), "cuda")
     quant.check_device(msrnn.load_model(path, dtype="bf16"), "cuda")  # float weights go anywhere
+    assert quant.device_dtype("auto", "cuda") == "bf16" and quant.device_dtype("auto", "cpu") == "auto"
+    assert quant.device_dtype("int4", "cuda") == "int4"  # asked for explicitly: check_device says why not
 
 
 def test_auto_keeps_a_safetensors_checkpoints_precision(tmp_path):
