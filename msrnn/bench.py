@@ -106,9 +106,9 @@ def msrnn_decoder(model, policy, position: int, steps: int, batch: int = 1):
 def floor_chain(model):
     """One token's worth of matrix-vector products over every weight matrix of the model, in its own formats (int
     kernels get the bf16 input they take), and nothing else."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.Int8Linear, quant.Int4Linear))]
-    calls = [(m, torch.randn(1, m.in_features, dtype=torch.bfloat16 if isinstance(m, (quant.Int8Linear, quant.Int4Linear))
-                             else model.dtype)) for m in layers]  # int kernels take bf16 activations
+    layers = [m for m in model.modules() if isinstance(m, quant.LINEARS)]
+    calls = [(m, torch.randn(1, m.in_features, dtype=torch.bfloat16 if isinstance(m, quant.INT_LAYERS) else model.dtype))
+             for m in layers]  # int kernels take bf16 activations
     if model.lm_head is None:  # tied float head: the embedding matrix
         calls.append((lambda x: F.linear(x, model.embed.weight), torch.randn(1, model.cfg.hidden_size, dtype=model.dtype)))
     return lambda: [m(x) for m, x in calls]
@@ -118,7 +118,7 @@ def format_floors(model, rounds: int = 5) -> dict:
     """The floor of this model's shapes in every weight format (random weights), timed in turn: what each --dtype
     could reach on this machine."""
     shapes = [(m.out_features, m.in_features) for m in model.modules()
-              if isinstance(m, (torch.nn.Linear, quant.Int8Linear, quant.Int4Linear))]
+              if isinstance(m, quant.LINEARS)]
     if model.lm_head is None:
         shapes.append(tuple(model.embed.weight.shape))
     gen = torch.Generator().manual_seed(0)
@@ -378,10 +378,12 @@ def run(args) -> int:
     lists = {key: _ints(getattr(args, key)) for key in ("positions", "bounded_positions", "budget_states")}
     counts = {"--states": args.states, "--steps": args.steps, "--prefill-tokens": args.prefill_tokens,
               "--budget-context": args.budget_context, "--stream-states": args.stream_states,
-              "--stream-tokens": args.stream_tokens + 1, **{f"--{k.replace('_', '-')}": min(v, default=0) for k, v in lists.items()}}
+              **{f"--{k.replace('_', '-')}": min(v, default=0) for k, v in lists.items()}}
     for option, value in counts.items():  # every number checked before a policy file runs or the model loads
         if value < 1:
             raise InputError(f"{option}: give positive numbers (--stream-tokens may be 0 to skip the stream).")
+    if args.stream_tokens < 0:
+        raise InputError("--stream-tokens: give a positive number, or 0 to skip the stream.")
     make_policy(args.policy, args.states)  # an unknown name or a bad file:Class, before minutes of loading
     source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=args.dtype)

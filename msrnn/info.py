@@ -29,7 +29,7 @@ def parameters(model) -> int:
     a copy of it as the output layer)."""
     n = sum(p.numel() for p in model.parameters())
     for name, m in model.named_modules():
-        if isinstance(m, (quant.Int8Linear, quant.Int4Linear)) and not (name == "lm_head" and model.cfg.tie_word_embeddings):
+        if isinstance(m, quant.INT_LAYERS) and not (name == "lm_head" and model.cfg.tie_word_embeddings):
             n += m.out_features * m.in_features
     return n
 

@@ -72,10 +72,7 @@ class Int4Linear(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
         """codes (out, in) integers 0..15; scale, zero (out, in // 32): W = (codes - 8) * scale + zero."""
         super().__init__()
-        n, k = codes.shape
-        if k % GROUP:
-            raise CheckpointError(f"int4 weights need an input size divisible by {GROUP}; this matrix is {n} x {k}. "
-                                  "Load the model with dtype int8 (or bf16/fp32) instead.")
+        n, k = _check_groups(codes.shape)
         pad = -n % 16
         if pad:
             codes, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (codes.to(torch.uint8), scale, zero))
@@ -88,10 +85,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
         """Asymmetric group-wise int4 of a float matrix (out, in): each group of 32 spans its own [min, max]."""
-        n, k = w.shape
-        if k % GROUP:
-            raise CheckpointError(f"int4 weights need an input size divisible by {GROUP}; this matrix is {n} x {k}. "
-                                  "Load the model with dtype int8 (or bf16/fp32) instead.")
+        n, k = _check_groups(w.shape)
         g = w.float().reshape(n, k // GROUP, GROUP)  # (out, groups, 32)
         lo, hi = g.amin(-1), g.amax(-1)  # (out, groups)
         scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()  # rounded as the kernel will read it
@@ -119,6 +113,15 @@ class Int4Linear(nn.Module):
         eye = torch.eye(k, dtype=torch.bfloat16)
         # W^T = I W^T: the kernel applied to the identity reads back every weight as it uses it (bf16-rounded output)
         return torch._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero)[:, : self.out_features].T.float()
+
+
+def _check_groups(shape) -> tuple[int, int]:
+    """(out, in) of a matrix int4 can hold: its input size must split into groups of 32."""
+    n, k = shape
+    if k % GROUP:
+        raise CheckpointError(f"int4 weights need an input size divisible by {GROUP}; this matrix is {n} x {k}. "
+                              "Load the model with dtype int8 (or bf16/fp32) instead.")
+    return n, k
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -211,11 +214,15 @@ def native_format(w, compute: str) -> str:
     return compute if not isinstance(w, Codes) else "int4" if w.bits == 4 else "int8"
 
 
+INT_LAYERS = (Int8Linear, Int4Linear)  # layers whose weights are int codes (CPU kernels, bf16 activations)
+LINEARS = (nn.Linear, *INT_LAYERS)  # every kind of matrix layer a model may hold
+
+
 def weight_format(model: nn.Module) -> str:
     """'fp32', 'bf16', 'int8', 'int4', or a mix such as 'int4+int8' (a GGUF file's own formats)."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     kinds = {"int4" if isinstance(m, Int4Linear) else "int8" if isinstance(m, Int8Linear) else names[m.weight.dtype]
-             for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))}
+             for m in model.modules() if isinstance(m, LINEARS)}
     return "+".join(sorted(kinds, key=["int4", "int8", "bf16", "fp32"].index))
 
 
@@ -227,6 +234,6 @@ def device_dtype(dtype, device) -> str:
 
 def check_device(model: nn.Module, device) -> None:
     """int weights run on CPU only (the kernels above); say so before torch fails inside one."""
-    if torch.device(device).type != "cpu" and any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):
+    if torch.device(device).type != "cpu" and any(isinstance(m, INT_LAYERS) for m in model.modules()):
         raise InputError(f"int8/int4 weights run on the CPU only (torch's _for_cpu kernels); on {device} load the "
                          "model with --dtype bf16 (or fp32).")
