@@ -510,10 +510,8 @@ def paired(cells: list[dict], names: list[str], budgets: list[int], against: str
             a, b = _cell(cells, name, k), _cell(cells, against, k)
             if name in ("full", against) or not all("chunk_loss" in c for c in (a, b, full)):
                 continue
-            pick = torch.randint(0, len(a["chunk_loss"]), (draws, len(a["chunk_loss"])),
-                                 generator=torch.Generator().manual_seed(seed))
-            ppl = [(torch.tensor(c["chunk_loss"], dtype=torch.float64)[pick].sum(-1)
-                    / torch.tensor(c["chunk_tokens"], dtype=torch.float64)[pick].sum(-1)).exp() for c in (a, b, full)]
+            pick = _chunk_draws(len(a["chunk_loss"]), draws, seed)  # one draw of chunks for all three
+            ppl = [_resampled_ppl(c["chunk_loss"], c["chunk_tokens"], pick) for c in (a, b, full)]
             ratio, closed = ppl[0] / ppl[1], (ppl[1] - ppl[0]) / (ppl[1] - ppl[2])
             point = (a["ppl"] / b["ppl"], (b["ppl"] - a["ppl"]) / (b["ppl"] - full["ppl"]))
             rows.append({"policy": name, "states": k, "against": against, "ratio": point[0],
@@ -528,11 +526,20 @@ def bootstrap_ppl(chunk_loss: Sequence[float], chunk_tokens: Sequence[int], draw
     """95 % percentile-bootstrap interval of PPL = exp(sum loss / sum tokens) over chunks: draw as many chunks as
     there are, with replacement, `draws` times (seeded: the same numbers every run). Chunks, not tokens, are the
     unit: tokens of one chunk share its text and are far from independent."""
+    ppl = _resampled_ppl(chunk_loss, chunk_tokens, _chunk_draws(len(chunk_loss), draws, seed))
+    return float(ppl.quantile(0.025)), float(ppl.quantile(0.975))
+
+
+def _chunk_draws(chunks: int, draws: int, seed: int) -> torch.Tensor:
+    """(draws, chunks) chunk indices drawn with replacement, seeded: the same numbers every run."""
+    return torch.randint(0, chunks, (draws, chunks), generator=torch.Generator().manual_seed(seed))
+
+
+def _resampled_ppl(chunk_loss: Sequence[float], chunk_tokens: Sequence[int], pick: torch.Tensor) -> torch.Tensor:
+    """(draws,) PPL of each draw of chunks: exp(sum loss / sum tokens) over the chunks it picked."""
     loss = torch.tensor(chunk_loss, dtype=torch.float64)
     tokens = torch.tensor(chunk_tokens, dtype=torch.float64)
-    pick = torch.randint(0, len(loss), (draws, len(loss)), generator=torch.Generator().manual_seed(seed))
-    ppl = (loss[pick].sum(-1) / tokens[pick].sum(-1)).exp()
-    return float(ppl.quantile(0.025)), float(ppl.quantile(0.975))
+    return (loss[pick].sum(-1) / tokens[pick].sum(-1)).exp()
 
 
 def _cell(cells: list[dict], name: str, k: int | None) -> dict:
