@@ -97,6 +97,8 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     bounded = policy is not None and policy.states is not None
     if valid is not None:
         pos = pos.masked_fill(~valid, EMPTY)  # a padding token never enters: its slot is EMPTY from the start
+    elif bounded and each_token and T == 1 and scheme == "absolute" and layer_state.holds_exactly(policy):
+        return ring_step(q, k, v, layer_state, pos, policy, window)  # the common decode step, in fewer operations
     if bounded and each_token and T > 1:
         layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
     n0 = layer_state.size
@@ -137,6 +139,27 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if bounded:
         layer_state.compact()  # evicted slots go to the newest survivors: the layer holds <= k slots again
     return out.view(B, Hkv, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # (B, T, H*hd)
+
+
+def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor:
+    """One token through a layer that holds exactly its k states: the recurrence's steady state, as one write.
+
+    The newest state enters the spare slot, its query attends over the k + 1 states, and the state of lowest
+    priority gives its slot to the newest (mistral-inference's ring buffer, `pos % window`, generalised to any
+    policy). Same arithmetic as `scan` with T = 1, without the bookkeeping a chunk or a ragged batch needs."""
+    B, Hkv, G, _, hd = q.shape
+    layer_state.append(k, v, pos)  # k -> k + 1 candidates, the newest in the last slot
+    S = layer_state.size
+    kpos, score = layer_state.pos[:, :, :S], layer_state.score[:, :, :S]  # (B, Hkv, S) views
+    probs = attention_probs(q, layer_state.keys[:, :, :S], pos, kpos, window, all_visible=window is None)
+    out = probs.view(B, Hkv, G, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd) before any slot is reused
+    attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
+    if policy.keeps_score:
+        score.copy_(policy.update(score, attn[:, :, None]))
+    layer_state.replace_lowest(check_priority(policy, policy.priority(attn, kpos, score), kpos, nan=True))
+    if layer_state.trace is not None:
+        layer_state.trace(pos[:, 0], layer_state.pos[:, :, : S - 1])
+    return out.view(B, Hkv * G * hd)[:, None]  # (B, 1, H*hd)
 
 
 def update_score(policy: Policy, score, attn, valid=None):

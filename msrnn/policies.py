@@ -150,6 +150,7 @@ class TOVAHead(Policy):
     """TOVA per kv head: each kv head drops the state its own query heads attend to least."""
 
     name = "tova-head"
+    drops = False
 
     def priority(self, attn, pos, score):
         return per_kv_head(attn, pos.shape[1]).mean(dim=2)  # (B, Hkv, n)

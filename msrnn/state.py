@@ -101,6 +101,28 @@ class LayerState:
         spare = torch.full_like(oldest, n)  # slot n is free (append keeps it so): a row under budget writes there
         self.pos.scatter_(2, torch.where(over, oldest, spare), EMPTY)
 
+    def holds_exactly(self, policy) -> bool:
+        """The layer is full: it holds its policy's one budget k in slots [0, k), none of them empty, and the
+        policy never asks to "drop now" (so one token in means exactly one state out: see replace_lowest)."""
+        budget = policy.budget()  # (B, 1, 1) when rows have budgets of their own: the general path
+        return isinstance(budget, int) and self.size == budget and not self.maybe_empty and not policy.drops
+
+    def replace_lowest(self, priority: torch.Tensor) -> None:
+        """The recurrence's eviction in a full layer whose newest state sits in the last slot: the state of lowest
+        priority (ties: the oldest) leaves, and the newest moves into its slot (or leaves itself, if it is the
+        lowest). One slot written per row and kv head. priority (B, 1 or Hkv, n) float."""
+        n, hd = self.size, self.keys.shape[-1]
+        pos = self.pos[:, :, :n]  # (B, Hkv, n)
+        prio = priority.float().expand(pos.shape)
+        low = prio.amin(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        slot = pos.masked_fill(prio != low, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)  # (B, Hkv, 1) oldest lowest
+        for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
+            buf.scatter_(2, slot[..., None].expand(-1, -1, -1, hd), buf[:, :, n - 1 : n].clone())
+        for buf in (self.pos, self.score):  # (B, Hkv, C)
+            buf.scatter_(2, slot, buf[:, :, n - 1 : n].clone())
+        self.pos[:, :, n - 1] = EMPTY
+        self.size = n - 1
+
     def keep_top(self, priority: torch.Tensor, budget) -> None:
         """Keep in every row and kv head its `budget` live states of highest priority (ties keep the newest) and
         drop the rest; a row over budget also drops every state of priority -inf. For any number of states over

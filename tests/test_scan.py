@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msrnn
+import msrnn.model
+import msrnn.state
 from msrnn.errors import MsrnnError
 from msrnn.batch import RowPolicies
 from msrnn.policies import POLICIES, POSITION_SCHEMES, Policy, make_policy
@@ -158,3 +160,38 @@ def test_a_scanned_state_saves_loads_and_continues_bit_for_bit(tmp_path):
     a, _ = model.prefill(tokens[:, 20:], state, policy, all_logits=True)
     b, _ = model.prefill(tokens[:, 20:], loaded, policy, all_logits=True)
     assert torch.equal(a, b) and held(state) == held(loaded)
+
+
+class Constant(Policy):
+    """Every state equally important: each eviction is a tie, which the recurrence breaks by dropping the oldest."""
+
+    name = "constant"
+    drops = False
+
+    def priority(self, attn, pos, score):
+        return torch.zeros(pos.shape[0], 1, pos.shape[2])
+
+
+@pytest.mark.parametrize("model_type,policy", [("llama", "tova"), ("llama", "h2o"), ("llama", "tova-head"),
+                                               ("llama", "tova-decay"), ("llama", "sinks"), ("mistral", "tova"),
+                                               ("llama", Constant(5))])
+def test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_does(model_type, policy, monkeypatch):
+    """model.ring_step (a full layer: the newest state takes the slot of the lowest-priority one) gives the same
+    logits, kept positions, slots and scores as the general recurrence (append, drop_lowest, compact)."""
+    policy = make_policy(policy, 5) if isinstance(policy, str) else policy
+    window = {"sliding_window": 4} if model_type == "mistral" else {}
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model(model_type, num_hidden_layers=2, **window), d))
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    ring_calls = []
+    real = msrnn.model.ring_step
+    monkeypatch.setattr(msrnn.model, "ring_step", lambda *a: ring_calls.append(1) or real(*a))
+    fast, fast_state = stepped(model, tokens, policy)
+    assert len(ring_calls) == 2 * (16 - 5)  # every step after the layer filled, in both layers
+    monkeypatch.setattr(msrnn.state.LayerState, "holds_exactly", lambda self, policy: False)
+    general, general_state = stepped(model, tokens, policy)
+    assert torch.equal(fast, general)
+    for a, b in zip(fast_state.layers, general_state.layers):  # the same slots: the ring is the general path's compact
+        assert a.size == b.size == 5
+        assert torch.equal(a.pos[:, :, :5], b.pos[:, :, :5]) and torch.equal(a.keys[:, :, :5], b.keys[:, :, :5])
+        assert torch.equal(a.values[:, :, :5], b.values[:, :, :5]) and torch.equal(a.score[:, :, :5], b.score[:, :, :5])
