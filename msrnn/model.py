@@ -152,7 +152,7 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     S = layer_state.size
     kpos, score = layer_state.pos[:, :, :S], layer_state.score[:, :, :S]  # (B, Hkv, S) views
     probs = attention_probs(q, layer_state.keys[:, :, :S], pos, kpos, window, all_visible=window is None)
-    out = probs.view(B, Hkv, G, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd) before any slot is reused
+    out = probs.view(B, Hkv, G, S).to(v.dtype) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd), before a slot is reused
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:
         score.copy_(policy.update(score, attn[:, :, None]))

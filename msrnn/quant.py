@@ -29,6 +29,10 @@ from .errors import CheckpointError, InputError
 
 FORMATS = ("fp32", "bf16", "int8", "int4", "auto")  # what `dtype=` accepts (torch dtypes too, for fp32/bf16)
 GROUP = 32  # int4 group size along the input dimension, as in GGUF's Q4 blocks
+# From this many input rows on (a prefill chunk, not a decode step), unpacking the matrix to bf16 and running one
+# matrix-matrix product beats the int kernels, which are matrix-vector kernels: on a 512-row chunk the kernel reads
+# each weight once per row block while the bf16 product runs at the CPU's bf16 FMA rate (docs/results, "prefill").
+GEMM_ROWS = 64
 
 
 class Int8Linear(nn.Module):
@@ -54,7 +58,11 @@ class Int8Linear(nn.Module):
         return cls(q, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (rows, in)
+        if x2.shape[0] >= GEMM_ROWS:  # a chunk: one bf16 matrix product over the unpacked weights
+            y = F.linear(x2, self.dequantize().to(torch.bfloat16))
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
         y = y.view(*x.shape[:-1], -1)  # (..., out) bf16
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
@@ -100,12 +108,22 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), self.packed, GROUP,
-                                              self.scale_zero)  # (rows, out + pad) bf16
+        x2 = x.reshape(-1, k).to(torch.bfloat16)  # (rows, in)
+        if x2.shape[0] >= GEMM_ROWS and _int4_block() is not None:  # a chunk: one bf16 product (see GEMM_ROWS)
+            y = F.linear(x2, self.unpacked())  # (rows, out) bf16
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scale_zero)  # (rows, out + pad) bf16
         if y.shape[1] != self.out_features:  # the kernel's padding rows
             y = y[:, : self.out_features]
         y = y.view(*x.shape[:-1], self.out_features)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def unpacked(self) -> torch.Tensor:
+        """W (out, in) in bf16, computed from the packed codes with tensor ops: (q - 8) * s + z in fp32, rounded once."""
+        n, k = self.out_features, self.scale_zero.shape[0] * GROUP
+        codes = unpack_int4(self.packed, _int4_block())[:n].view(n, k // GROUP, GROUP)  # (out, groups, 32) 0..15
+        scale, zero = self.scale_zero[:, :n].float().permute(2, 1, 0)[..., None]  # (out, groups, 1) each
+        return (codes.float().sub_(8).mul_(scale).add_(zero)).view(n, k).to(torch.bfloat16)
 
     def dequantize(self) -> torch.Tensor:
         """The float matrix (out, in) the kernel multiplies by (a test's reference)."""
@@ -150,6 +168,21 @@ def _pack_int4(codes: torch.Tensor, block: int) -> torch.Tensor:
         rest = c[full:]
         parts.append(((rest[1::2] << 4) | rest[0::2]).T.reshape(-1))  # adjacent rows share a byte
     return torch.cat(parts).view(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """The inverse of `_pack_int4`: (N, K/2) bytes in the kernel's layout -> codes (N, K) uint8 in 0..15."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    flat, full = packed.reshape(-1), N - N % block
+    parts = []
+    if full:
+        byte = flat[: full * K // 2].view(full // block, K, block // 2)  # (blocks, K, block/2) input-major
+        lanes = torch.stack([byte & 15, byte >> 4], dim=1)  # (blocks, low | high half, K, block/2)
+        parts.append(lanes.transpose(2, 3).reshape(full, K))
+    if N > full:
+        byte = flat[full * K // 2 :].view(K, (N - full) // 2).T  # (rows/2, K): adjacent rows share a byte
+        parts.append(torch.stack([byte & 15, byte >> 4], dim=1).reshape(N - full, K))
+    return torch.cat(parts)
 
 
 @functools.lru_cache(maxsize=1)

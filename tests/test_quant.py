@@ -26,28 +26,44 @@ def test_int4_packing_is_torchs_layout(n, k):
     assert torch.equal(quant.pack_int4(codes), torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
 
 
+@pytest.mark.parametrize("n,k", [(64, 32), (128, 64), (80, 64), (16, 96), (48, 32), (112, 160)])
+def test_int4_unpacking_inverts_the_packing(n, k):
+    """unpack_int4 gives back the codes from either CPU layout (64- and 32-row blocks, full and partial)."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    for block in (64, 32):
+        assert torch.equal(quant.unpack_int4(quant._pack_int4(codes, block), block), codes)
+
+
+# 5 rows: the int kernels (matrix-vector); GEMM_ROWS rows: the unpacked bf16 matrix in one product (a prefill chunk)
+ROWS = [5, quant.GEMM_ROWS]
+
+
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n", [48, 40])  # 40 rows: padded to 48 for the kernel, the extra outputs dropped
-def test_int4_linear_multiplies_by_its_quantized_matrix(n):
-    w, x = torch.randn(n, 96), torch.randn(5, 96)
+def test_int4_linear_multiplies_by_its_quantized_matrix(n, rows):
+    w, x = torch.randn(n, 96), torch.randn(rows, 96)
     layer = quant.Int4Linear.quantize(w)
     deq = layer.dequantize()  # (out, in): read back through the kernel itself
     assert deq.shape == (n, 96)
     step = (w.view(n, 3, 32).amax(-1) - w.view(n, 3, 32).amin(-1)) / 15  # (out, groups) the code's step
     err = (w - deq).view(n, 3, 32).abs().amax(-1)
     assert (err <= step / 2 * (1 + 4 * BF16) + 2 * BF16 * w.abs().amax()).all()  # half a step (+ bf16 scales)
+    if quant._int4_block() is not None:  # the bf16 matrix a chunk multiplies by is the kernel's, exactly
+        assert torch.equal(layer.unpacked().float(), deq)
     y, ref = layer(x), x.bfloat16().float() @ deq.T
-    assert y.dtype == torch.float32 and y.shape == (5, n)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert torch.allclose(y, ref, rtol=2 * BF16, atol=2 * BF16 * ref.abs().max())  # bf16 output rounding only
 
 
-def test_int8_linear_multiplies_by_its_quantized_matrix():
-    w, x, b = torch.randn(40, 48), torch.randn(2, 3, 48), torch.randn(40)
+@pytest.mark.parametrize("rows", ROWS)
+def test_int8_linear_multiplies_by_its_quantized_matrix(rows):
+    w, x, b = torch.randn(40, 48), torch.randn(2, rows, 48), torch.randn(40)
     layer = quant.Int8Linear.quantize(w, b)
     deq = layer.dequantize()
     assert ((w - deq).abs() <= w.abs().amax(1, keepdim=True) / 127 / 2 * (1 + 4 * BF16)).all()
     ref = x.bfloat16().float() @ deq.T + b.bfloat16().float()
     y = layer(x)
-    assert y.shape == (2, 3, 40) and torch.allclose(y, ref, rtol=4 * BF16, atol=4 * BF16 * ref.abs().max())
+    assert y.shape == (2, rows, 40) and torch.allclose(y, ref, rtol=4 * BF16, atol=4 * BF16 * ref.abs().max())
 
 
 def test_gguf_blocks_are_read_as_the_files_codes(tmp_path):
