@@ -14,6 +14,10 @@ head h // G with G = H / Hkv, so `attn.view(B, Hkv, G, n)` groups a kv head's qu
 
 A policy that keeps a running score (H2O) overrides `update(score, attn)`, called once per forward call with the
 probabilities of all T new queries, attn (B, H, T, n); T is 1 in the recurrence and larger only in a parallel prefill.
+
+A policy that sets `needs_values = True` is also given the states' values, `priority(attn, pos, score, values=...)`
+with values (B, Hkv, n, hd) (a view of the state: read, never write); every other policy is called with the three
+arguments above, so a policy written for them keeps working.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Policy:
     min_states = 1  # the smallest budget that makes sense for this policy
     keeps_score = False  # set for every class that overrides `update`
     drops = True  # priority may be -inf ("drop now"); False lets the model skip that check (built-ins that never do)
+    needs_values = False  # True: priority is also given values=(B, Hkv, n, hd), the states' values
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -344,11 +349,42 @@ class SnapKV(Policy):
         return f"{type(self).__name__}(states={self.states}, window={self.window}, kernel={self.kernel})"
 
 
+# --- the lab's third round (docs/results/lab/README.md, round 3): more than the attention a state gets ----------------
+class TOVAValue(TOVADecay):
+    """`tova-decay` weighted by the size of what a state adds to the output (VATP: Guo et al. 2024, "Attention Score
+    is not All You Need for Token Importance Indicator in KV Cache Reduction: Value Also Matters"). A state enters
+    the attention output as a_j v_j, so a state with a small value matters less than its attention says:
+
+        s_j <- gamma * s_j + (1 - gamma) * a_j                    tova-decay's moving average
+        priority_j = s_j / (1 - gamma ** age_j) * |v_j|_1         |v_j|_1: L1 norm of j's value, averaged over kv heads
+
+    and, as in VATP, the first `sinks` tokens always stay: an attention sink takes much attention but has a tiny
+    value (which is why it works as a sink), so the product alone would drop it, and the whole softmax would shift."""
+
+    name = "tova-value"
+    needs_values = True
+
+    def __init__(self, states: int, gamma: float = 0.9, sinks: int = 1, positions: str = "absolute"):
+        super().__init__(states, gamma, positions)
+        sinks = _whole(self.name, "sinks", sinks)
+        if not 0 <= sinks < states:
+            raise InputError(f"{self.name}: sinks={sinks} must be in [0, states={states}).")
+        self.sinks = sinks
+
+    def priority(self, attn, pos, score, values=None):
+        size = values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)  # (B, 1, n) |v_j|_1, kv-head mean
+        prio = super().priority(attn, pos, score) * size  # (B, 1, n)
+        return prio.masked_fill(pos[:, :1] < self.sinks, INF)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(states={self.states}, gamma={self.gamma}, sinks={self.sinks})"
+
+
 POSITION_SCHEMES = ("absolute", "shift", "loglog")
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
-                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV)
+                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV, TOVAValue)
 }
 
 

@@ -185,3 +185,61 @@ def test_the_second_round_candidates_by_hand_and_on_a_model(model):
         logits, state = run(model, cls(6), tokens)
         assert state.size == 6 and logits.isfinite().all()
         assert not torch.allclose(logits, full, atol=1e-3)  # and evicting changes the predictions
+
+
+# --- round 3 (docs/results/lab/README.md): policies that read the states' values ------------------------------------
+VALUES = torch.tensor([[[[1.0, -1.0], [0.5, 0.5], [2.0, 0.0]],
+                        [[3.0, 1.0], [0.0, 1.0], [0.0, -2.0]]]])  # (B=1, Hkv=2, n=3, hd=2): L1 norms 2, 1, 2 and 4, 1, 2
+
+
+def test_tova_value_priority_by_hand():
+    s = torch.tensor([[[0.4, 0.2, 0.25]]])  # tova-decay's average; gamma 0.5 divides by 0.875, 0.75, 0.5
+    pos = POS.expand(1, 2, 3)
+    p = make_policy("tova-value(gamma=0.5, sinks=0)", 2)
+    assert p.needs_values and p.keeps_score
+    prio = p.priority(ATTN[:, :, -1], pos, s, values=VALUES)  # times the kv-head mean of |v|_1: 3, 1, 2
+    torch.testing.assert_close(prio, torch.tensor([[[0.4 / 0.875 * 3, 0.2 / 0.75 * 1, 0.25 / 0.5 * 2]]]))
+    prio = make_policy("tova-value(gamma=0.5)", 2).priority(ATTN[:, :, -1], pos, s, values=VALUES)  # 1 sink: kept
+    torch.testing.assert_close(prio, torch.tensor([[[INF, 0.2 / 0.75 * 1, 0.25 / 0.5 * 2]]]))
+    with pytest.raises(InputError, match="sinks"):
+        make_policy("tova-value(sinks=4)", 4)
+
+
+class ValueSpy(TOVA):
+    """TOVA that checks, at every call, that `values` is the layer's value buffer, as many slots as positions."""
+
+    needs_values = True
+    seen = 0
+
+    def priority(self, attn, pos, score, values=None):
+        assert values.shape[:3] == pos.shape and values.shape[3] == 8, values.shape  # (B, Hkv, n, hd): hd 8
+        ValueSpy.seen += 1
+        return super().priority(attn, pos, score)
+
+
+def test_values_reach_a_policy_that_asks_and_only_it(model):
+    """Exact prefill (the layer-major scan), fast prefill and single steps all pass `values=`; a policy that does not
+    ask is called with three arguments (TOVA's own priority would fail on a fourth), also inside a batch of rows."""
+    tokens = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
+    for mode in ("exact", "fast"):
+        ValueSpy.seen = 0
+        spied, _ = run(model, ValueSpy(6), tokens, mode)
+        assert ValueSpy.seen > 0
+        assert torch.equal(spied, run(model, TOVA(6), tokens, mode)[0])  # reading values changes nothing
+    rows = ev.score(model, tokens[None], [ValueSpy(6), TOVA(6), make_policy("tova-value", 8)])
+    assert torch.equal(rows[0].loss, rows[1].loss)
+
+
+def test_tova_value_exact_prefill_equals_steps_and_batching(model):
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    p = make_policy("tova-value", 6)
+    state = model.init_state(2, p)
+    stepped = torch.stack([model.step(t, state, p)[0] for t in tokens.T], 1)  # (B, T, V) one token at a time
+    state = model.init_state(2, p)
+    scanned, _ = model.prefill(tokens, state, p, mode="exact", all_logits=True)
+    torch.testing.assert_close(scanned, stepped, atol=1e-5, rtol=1e-5)  # layer-major vs token-major float sums
+    tova = ev.score(model, tokens, [make_policy("tova-decay", 6)])[0]
+    together = ev.score(model, tokens, [make_policy("tova-decay", 6), p])
+    alone = ev.score(model, tokens, [p])[0]
+    torch.testing.assert_close(together[1].loss, alone.loss, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone.loss, tova.loss)  # the value norm changes which states stay
