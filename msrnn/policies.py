@@ -380,11 +380,58 @@ class TOVAValue(TOVADecay):
         return f"{type(self).__name__}(states={self.states}, gamma={self.gamma}, sinks={self.sinks})"
 
 
+class TOVADecayHead(TOVADecay):
+    """`tova-decay` per kv head (`tova-head` with memory): each kv head keeps its own k states, ranked by its own
+    moving average of the attention its G query heads give them:
+
+        s_hj <- gamma * s_hj + (1 - gamma) * mean_{i in group h} a_ij
+        priority_hj = s_hj / (1 - gamma ** age_hj)
+
+    gamma = 0 is `tova-head` exactly."""
+
+    name = "tova-decay-head"
+
+    def update(self, score, attn):
+        for a in attn.unbind(dim=2):  # the T new queries in order; (B, H, n) each
+            score = torch.lerp(per_kv_head(a, score.shape[1]).mean(dim=2), score, self.gamma)  # (B, Hkv, n)
+        return score
+
+    def priority(self, attn, pos, score):
+        age = (newest(pos) - pos).clamp_(0, len(self.correction) - 1)  # (B, Hkv, n): heads hold different states
+        return score / self.correction.to(score.device)[age]
+
+
+class TOVAFit(TOVAValue):
+    """A tiny learned scorer: the log of what state j will add to the output of the next 32 queries,
+    log(mean future attention * |v_j|_1), predicted by least squares from four features:
+
+        priority_j = w_a log(a_j + eps) + log(s_j / (1 - gamma ** age_j) + eps) + w_v log(|v_j|_1 + eps)
+                     + w_age log(age_j + 1)
+
+    a_j: the newest query's attention (head mean); s_j: tova-decay's average (gamma 0.9); |v_j|_1 as in tova-value.
+    The weights are divided by the average's (a ranking does not change under a positive scale; the intercept is
+    dropped). Fitted on the full model's attention over Pride and Prejudice only (docs/results/lab/round3_screen.py);
+    the first token stays, as in tova-value."""
+
+    name = "tova-fit"
+    W_NOW, W_VALUE, W_AGE = 0.158, 1.284, 0.199  # fitted constants (see the docstring)
+
+    def priority(self, attn, pos, score, values=None):
+        eps = 1e-6
+        pos1 = pos[:, :1]  # (B, 1, n) layer-wise
+        size = values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)  # (B, 1, n) |v_j|_1, kv-head mean
+        age = (newest(pos1) - pos1).float()  # (B, 1, n)
+        prio = (self.W_NOW * (attn.mean(dim=1, keepdim=True) + eps).log() + (self.bias_corrected(pos, score[:, :1])
+                + eps).log() + self.W_VALUE * (size + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
+        return prio.masked_fill(pos1 < self.sinks, INF)
+
+
 POSITION_SCHEMES = ("absolute", "shift", "loglog")
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
-                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV, TOVAValue)
+                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV, TOVAValue,
+                        TOVADecayHead, TOVAFit)
 }
 
 

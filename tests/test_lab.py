@@ -243,3 +243,36 @@ def test_tova_value_exact_prefill_equals_steps_and_batching(model):
     alone = ev.score(model, tokens, [p])[0]
     torch.testing.assert_close(together[1].loss, alone.loss, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(alone.loss, tova.loss)  # the value norm changes which states stay
+
+
+def test_tova_decay_head_by_hand_and_gamma_zero_is_tova_head(model):
+    p = make_policy("tova-decay-head(gamma=0.5)", 2)  # two kv heads, one query head each
+    s = p.update(torch.tensor([[[0.8, 0.2, 0.0], [0.0, 0.4, 0.2]]]), ATTN)
+    torch.testing.assert_close(s, torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.25, 0.35]]]))
+    pos = torch.tensor([[[0, 1, 2], [0, 3, 2]]])  # the heads hold different states: ages 2, 1, 0 and 3, 0, 1
+    prio = p.priority(ATTN[:, :, -1], pos, s)  # divided by 1 - 0.5 ** (age + 1)
+    torch.testing.assert_close(prio, torch.tensor([[[0.5 / 0.875, 0.25 / 0.75, 0.25 / 0.5],
+                                                    [0.2 / 0.9375, 0.25 / 0.5, 0.35 / 0.75]]]))
+    tokens = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(7))
+    ref, ref_state = run(model, make_policy("tova-head", 6), tokens)
+    out, state = run(model, make_policy("tova-decay-head(gamma=0.0)", 6), tokens)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a.pos, b.pos) for a, b in zip(state.layers, ref_state.layers))
+    assert any(not torch.equal(a.pos[:, 0], a.pos[:, 1]) for a in state.layers)  # kv heads keep different states
+
+
+def test_tova_fit_by_hand():
+    from msrnn.policies import TOVAFit
+
+    p = TOVAFit(2, sinks=0)  # gamma 0.9: bias corrections 1 - 0.9 ** 3, 1 - 0.9 ** 2, 1 - 0.9 for ages 2, 1, 0
+    s, pos = torch.tensor([[[0.4, 0.2, 0.25]]]), POS.expand(1, 2, 3)
+    prio = p.priority(ATTN[:, :, -1], pos, s, values=VALUES)
+    a, size, age, c = [0.3, 0.2, 0.5], [3.0, 1.0, 2.0], [2.0, 1.0, 0.0], [0.271, 0.19, 0.1]
+    eps, log = 1e-6, torch.log
+    want = [p.W_NOW * log(torch.tensor(a[j] + eps)) + log(torch.tensor(s[0, 0, j].item() / c[j] + eps))
+            + p.W_VALUE * log(torch.tensor(size[j] + eps)) + p.W_AGE * log(torch.tensor(1 + age[j])) for j in range(3)]
+    torch.testing.assert_close(prio, torch.stack(want)[None, None])
+    p.W_NOW, p.W_VALUE, p.W_AGE = 0.0, 1.0, 0.0  # then it is the log of tova-value's priority
+    value = make_policy("tova-value(sinks=0)", 2).priority(ATTN[:, :, -1], pos, s, values=VALUES)
+    torch.testing.assert_close(p.priority(ATTN[:, :, -1], pos, s, values=VALUES).exp(), value, rtol=1e-4, atol=0)
+    assert TOVAFit(2).priority(ATTN[:, :, -1], pos, s, values=VALUES)[0, 0, 0] == INF  # the first token stays
