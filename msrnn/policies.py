@@ -414,7 +414,7 @@ class TOVAFit(TOVAValue):
     the first token stays, as in tova-value."""
 
     name = "tova-fit"
-    W_NOW, W_VALUE, W_AGE = 0.158, 1.284, 0.199  # fitted constants (see the docstring)
+    W_NOW, W_VALUE, W_AGE = 0.157, 1.284, 0.199  # fitted constants (see the docstring)
 
     def priority(self, attn, pos, score, values=None):
         eps = 1e-6
