@@ -242,7 +242,8 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
             score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
-        prio = check_priority(policy, policy.priority(attn, pos, score, **extra), pos, nan=t == T - 1)  # NaN: once
+        prio = policy.priority(attn, pos, score, **extra)
+        prio = check_priority(policy, prio, pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
             if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)

@@ -350,6 +350,11 @@ class SnapKV(Policy):
 
 
 # --- the lab's third round (docs/results/lab/README.md, round 3): more than the attention a state gets ----------------
+def value_size(values: torch.Tensor) -> torch.Tensor:
+    """values (B, Hkv, n, hd) -> (B, 1, n): |v_j|_1, the L1 norm of each state's value averaged over kv heads."""
+    return values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)
+
+
 class TOVAValue(TOVADecay):
     """`tova-decay` weighted by the size of what a state adds to the output (VATP: Guo et al. 2024, "Attention Score
     is not All You Need for Token Importance Indicator in KV Cache Reduction: Value Also Matters"). A state enters
@@ -372,8 +377,7 @@ class TOVAValue(TOVADecay):
         self.sinks = sinks
 
     def priority(self, attn, pos, score, values=None):
-        size = values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)  # (B, 1, n) |v_j|_1, kv-head mean
-        prio = super().priority(attn, pos, score) * size  # (B, 1, n)
+        prio = super().priority(attn, pos, score) * value_size(values)  # (B, 1, n)
         return prio.masked_fill(pos[:, :1] < self.sinks, INF)
 
     def __repr__(self) -> str:
@@ -410,8 +414,8 @@ class TOVAFit(TOVAValue):
 
     a_j: the newest query's attention (head mean); s_j: tova-decay's average (gamma 0.9); |v_j|_1 as in tova-value.
     The weights are divided by the average's (a ranking does not change under a positive scale; the intercept is
-    dropped). Fitted on the full model's attention over Pride and Prejudice only (docs/results/lab/round3_screen.py);
-    the first token stays, as in tova-value."""
+    dropped). Fitted on the full model's attention over one 1,024-token chunk of Pride and Prejudice only
+    (docs/results/lab/round3_screen.py; R^2 = 0.82); the first token stays, as in tova-value."""
 
     name = "tova-fit"
     W_NOW, W_VALUE, W_AGE = 0.157, 1.284, 0.199  # fitted constants (see the docstring)
@@ -419,10 +423,9 @@ class TOVAFit(TOVAValue):
     def priority(self, attn, pos, score, values=None):
         eps = 1e-6
         pos1 = pos[:, :1]  # (B, 1, n) layer-wise
-        size = values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)  # (B, 1, n) |v_j|_1, kv-head mean
         age = (newest(pos1) - pos1).float()  # (B, 1, n)
         prio = (self.W_NOW * (attn.mean(dim=1, keepdim=True) + eps).log() + (self.bias_corrected(pos, score[:, :1])
-                + eps).log() + self.W_VALUE * (size + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
+                + eps).log() + self.W_VALUE * (value_size(values) + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
         return prio.masked_fill(pos1 < self.sinks, INF)
 
 

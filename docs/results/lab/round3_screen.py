@@ -1,7 +1,8 @@
 """The lab's third round, offline: record the full model's attention on Pride and Prejudice, screen eviction scores
 on it in seconds, and fit the tiny learned scorer (`tova-fit`'s constants).
 
-    PYTHONPATH=. python docs/results/lab/round3_screen.py --text ../shared/data/pride-and-prejudice.txt --chunks 2
+    PYTHONPATH=. python docs/results/lab/round3_screen.py --text ../shared/data/pride-and-prejudice.txt --chunks 1 \
+        --states 128 --layers 0,5,10,15,20,25,29          # 2.5 min; its output: round3-screen.txt
 
 Screening. A real PPL run of one policy at one budget costs minutes; this costs a second. For every layer of the
 unbounded model it replays the bounded recurrence with the *full model's* attention rows: each step the newest
