@@ -35,6 +35,7 @@ class RowPolicies(Policy):
         self.needs_attention = any(m.needs_attention for m in members)
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
+        self.needs_values = any(m.needs_values for m in members)
         self._budget = torch.tensor([m.states for m in members]).repeat_interleave(rows)[:, None, None]  # (R, 1, 1)
         self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
         for i, member in enumerate(self.members):
@@ -54,8 +55,9 @@ class RowPolicies(Policy):
                 out[a:b] = m.update(score[a:b], attn[a:b])
         return out
 
-    def priority(self, attn, pos, score):
-        return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]),
+    def priority(self, attn, pos, score, values=None):
+        return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b],
+                                                       **({"values": values[a:b]} if m.needs_values else {})),
                                          pos[a:b]).expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 
     def __repr__(self) -> str:

@@ -124,7 +124,7 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
         kpos = layer_state.pos[:, :, :S]
         last = probs.reshape(B, H, T, S)[:, :, -1] if probs is not None else None
-        prio = policy.priority(last, kpos, layer_state.score[:, :, :S])
+        prio = policy.priority(last, kpos, layer_state.score[:, :, :S], **values_of(policy, layer_state, S))
         layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
     if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
         layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
@@ -158,10 +158,16 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:
         score.copy_(policy.update(score, attn[:, :, None]))
-    layer_state.replace_lowest(check_priority(policy, policy.priority(attn, kpos, score), kpos, nan=True))
+    prio = policy.priority(attn, kpos, score, **values_of(policy, layer_state, S))  # (B, 1 or Hkv, S)
+    layer_state.replace_lowest(check_priority(policy, prio, kpos, nan=True))
     if layer_state.trace is not None:
         layer_state.trace(pos[:, 0], layer_state.pos[:, :, : S - 1])
     return out.view(B, Hkv * G * hd)[:, None]  # (B, 1, H*hd)
+
+
+def values_of(policy: Policy, layer_state, S: int) -> dict:
+    """The optional argument of `priority`: the states' values (B, Hkv, S, hd), for a policy that asks for them."""
+    return {"values": layer_state.values[:, :, :S]} if policy.needs_values else {}
 
 
 def update_score(policy: Policy, score, attn, valid=None):
@@ -243,6 +249,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         plain = live == int(counts.min())
     lowest, hidden = torch.finfo(q.dtype).min, torch.empty_like(pos, dtype=torch.bool)
     score = layer_state.score[:, :, :S]  # (B, Hkv, S) a view
+    extra = values_of(policy, layer_state, S)  # values do not move inside the loop: one view serves every step
     for t in range(T):
         pos.select(2, start + t).copy_(entering.select(2, t))  # token t enters: n -> n + 1 states
         torch.eq(pos, EMPTY, out=hidden)  # (B, Hkv, S)
@@ -261,7 +268,8 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
             score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
-        prio = check_priority(policy, policy.priority(attn, pos, score), pos, nan=t == T - 1)  # NaN: once a chunk
+        prio = policy.priority(attn, pos, score, **extra)
+        prio = check_priority(policy, prio, pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
             if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)

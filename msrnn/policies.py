@@ -14,6 +14,10 @@ head h // G with G = H / Hkv, so `attn.view(B, Hkv, G, n)` groups a kv head's qu
 
 A policy that keeps a running score (H2O) overrides `update(score, attn)`, called once per forward call with the
 probabilities of all T new queries, attn (B, H, T, n); T is 1 in the recurrence and larger only in a parallel prefill.
+
+A policy that sets `needs_values = True` is also given the states' values, `priority(attn, pos, score, values=...)`
+with values (B, Hkv, n, hd) (a view of the state: read, never write); every other policy is called with the three
+arguments above, so a policy written for them keeps working.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Policy:
     min_states = 1  # the smallest budget that makes sense for this policy
     keeps_score = False  # set for every class that overrides `update`
     drops = True  # priority may be -inf ("drop now"); False lets the model skip that check (built-ins that never do)
+    needs_values = False  # True: priority is also given values=(B, Hkv, n, hd), the states' values
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -345,11 +350,92 @@ class SnapKV(Policy):
         return f"{type(self).__name__}(states={self.states}, window={self.window}, kernel={self.kernel})"
 
 
+# --- the lab's third round (docs/results/lab/README.md, round 3): more than the attention a state gets ----------------
+def value_size(values: torch.Tensor) -> torch.Tensor:
+    """values (B, Hkv, n, hd) -> (B, 1, n): |v_j|_1, the L1 norm of each state's value averaged over kv heads."""
+    return values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)
+
+
+class TOVAValue(TOVADecay):
+    """`tova-decay` weighted by the size of what a state adds to the output (VATP: Guo et al. 2024, "Attention Score
+    is not All You Need for Token Importance Indicator in KV Cache Reduction: Value Also Matters"). A state enters
+    the attention output as a_j v_j, so a state with a small value matters less than its attention says:
+
+        s_j <- gamma * s_j + (1 - gamma) * a_j                    tova-decay's moving average
+        priority_j = s_j / (1 - gamma ** age_j) * |v_j|_1         |v_j|_1: L1 norm of j's value, averaged over kv heads
+
+    and, as in VATP, the first `sinks` tokens always stay: an attention sink takes much attention but has a tiny
+    value (which is why it works as a sink), so the product alone would drop it, and the whole softmax would shift."""
+
+    name = "tova-value"
+    needs_values = True
+
+    def __init__(self, states: int, gamma: float = 0.9, sinks: int = 1, positions: str = "absolute"):
+        super().__init__(states, gamma, positions)
+        sinks = _whole(self.name, "sinks", sinks)
+        if not 0 <= sinks < states:
+            raise InputError(f"{self.name}: sinks={sinks} must be in [0, states={states}).")
+        self.sinks = sinks
+
+    def priority(self, attn, pos, score, values=None):
+        prio = super().priority(attn, pos, score) * value_size(values)  # (B, 1, n)
+        return prio.masked_fill(pos[:, :1] < self.sinks, INF)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(states={self.states}, gamma={self.gamma}, sinks={self.sinks})"
+
+
+class TOVADecayHead(TOVADecay):
+    """`tova-decay` per kv head (`tova-head` with memory): each kv head keeps its own k states, ranked by its own
+    moving average of the attention its G query heads give them:
+
+        s_hj <- gamma * s_hj + (1 - gamma) * mean_{i in group h} a_ij
+        priority_hj = s_hj / (1 - gamma ** age_hj)
+
+    gamma = 0 is `tova-head` exactly."""
+
+    name = "tova-decay-head"
+
+    def update(self, score, attn):
+        for a in attn.unbind(dim=2):  # the T new queries in order; (B, H, n) each
+            score = torch.lerp(per_kv_head(a, score.shape[1]).mean(dim=2), score, self.gamma)  # (B, Hkv, n)
+        return score
+
+    def priority(self, attn, pos, score):
+        age = (newest(pos) - pos).clamp_(0, len(self.correction) - 1)  # (B, Hkv, n): heads hold different states
+        return score / self.correction.to(score.device)[age]
+
+
+class TOVAFit(TOVAValue):
+    """A tiny learned scorer: the log of what state j will add to the output of the next 32 queries,
+    log(mean future attention * |v_j|_1), predicted by least squares from four features:
+
+        priority_j = w_a log(a_j + eps) + log(s_j / (1 - gamma ** age_j) + eps) + w_v log(|v_j|_1 + eps)
+                     + w_age log(age_j + 1)
+
+    a_j: the newest query's attention (head mean); s_j: tova-decay's average (gamma 0.9); |v_j|_1 as in tova-value.
+    The weights are divided by the average's (a ranking does not change under a positive scale; the intercept is
+    dropped). Fitted on the full model's attention over one 1,024-token chunk of Pride and Prejudice only
+    (docs/results/lab/round3_screen.py; R^2 = 0.82); the first token stays, as in tova-value."""
+
+    name = "tova-fit"
+    W_NOW, W_VALUE, W_AGE = 0.157, 1.284, 0.199  # fitted constants (see the docstring)
+
+    def priority(self, attn, pos, score, values=None):
+        eps = 1e-6
+        pos1 = pos[:, :1]  # (B, 1, n) layer-wise
+        age = (newest(pos1) - pos1).float()  # (B, 1, n)
+        prio = (self.W_NOW * (attn.mean(dim=1, keepdim=True) + eps).log() + (self.bias_corrected(pos, score[:, :1])
+                + eps).log() + self.W_VALUE * (value_size(values) + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
+        return prio.masked_fill(pos1 < self.sinks, INF)
+
+
 POSITION_SCHEMES = ("absolute", "shift", "loglog")
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
-                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV)
+                        TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV, TOVAValue,
+                        TOVADecayHead, TOVAFit)
 }
 
 

@@ -185,3 +185,94 @@ def test_the_second_round_candidates_by_hand_and_on_a_model(model):
         logits, state = run(model, cls(6), tokens)
         assert state.size == 6 and logits.isfinite().all()
         assert not torch.allclose(logits, full, atol=1e-3)  # and evicting changes the predictions
+
+
+# --- round 3 (docs/results/lab/README.md): policies that read the states' values ------------------------------------
+VALUES = torch.tensor([[[[1.0, -1.0], [0.5, 0.5], [2.0, 0.0]],
+                        [[3.0, 1.0], [0.0, 1.0], [0.0, -2.0]]]])  # (B=1, Hkv=2, n=3, hd=2): L1 norms 2, 1, 2 and 4, 1, 2
+
+
+def test_tova_value_priority_by_hand():
+    s = torch.tensor([[[0.4, 0.2, 0.25]]])  # tova-decay's average; gamma 0.5 divides by 0.875, 0.75, 0.5
+    pos = POS.expand(1, 2, 3)
+    p = make_policy("tova-value(gamma=0.5, sinks=0)", 2)
+    assert p.needs_values and p.keeps_score
+    prio = p.priority(ATTN[:, :, -1], pos, s, values=VALUES)  # times the kv-head mean of |v|_1: 3, 1, 2
+    torch.testing.assert_close(prio, torch.tensor([[[0.4 / 0.875 * 3, 0.2 / 0.75 * 1, 0.25 / 0.5 * 2]]]))
+    prio = make_policy("tova-value(gamma=0.5)", 2).priority(ATTN[:, :, -1], pos, s, values=VALUES)  # 1 sink: kept
+    torch.testing.assert_close(prio, torch.tensor([[[INF, 0.2 / 0.75 * 1, 0.25 / 0.5 * 2]]]))
+    with pytest.raises(InputError, match="sinks"):
+        make_policy("tova-value(sinks=4)", 4)
+
+
+class ValueSpy(TOVA):
+    """TOVA that checks, at every call, that `values` is the layer's value buffer, as many slots as positions."""
+
+    needs_values = True
+    seen = 0
+
+    def priority(self, attn, pos, score, values=None):
+        assert values.shape[:3] == pos.shape and values.shape[3] == 8, values.shape  # (B, Hkv, n, hd): hd 8
+        ValueSpy.seen += 1
+        return super().priority(attn, pos, score)
+
+
+def test_values_reach_a_policy_that_asks_and_only_it(model):
+    """Exact prefill (the layer-major scan), fast prefill and single steps all pass `values=`; a policy that does not
+    ask is called with three arguments (TOVA's own priority would fail on a fourth), also inside a batch of rows."""
+    tokens = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
+    for mode in ("exact", "fast"):
+        ValueSpy.seen = 0
+        spied, _ = run(model, ValueSpy(6), tokens, mode)
+        assert ValueSpy.seen > 0
+        assert torch.equal(spied, run(model, TOVA(6), tokens, mode)[0])  # reading values changes nothing
+    rows = ev.score(model, tokens[None], [ValueSpy(6), TOVA(6), make_policy("tova-value", 8)])
+    assert torch.equal(rows[0].loss, rows[1].loss)
+
+
+def test_tova_value_exact_prefill_equals_steps_and_batching(model):
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    p = make_policy("tova-value", 6)
+    state = model.init_state(2, p)
+    stepped = torch.stack([model.step(t, state, p)[0] for t in tokens.T], 1)  # (B, T, V) one token at a time
+    state = model.init_state(2, p)
+    scanned, _ = model.prefill(tokens, state, p, mode="exact", all_logits=True)
+    torch.testing.assert_close(scanned, stepped, atol=1e-5, rtol=1e-5)  # layer-major vs token-major float sums
+    tova = ev.score(model, tokens, [make_policy("tova-decay", 6)])[0]
+    together = ev.score(model, tokens, [make_policy("tova-decay", 6), p])
+    alone = ev.score(model, tokens, [p])[0]
+    torch.testing.assert_close(together[1].loss, alone.loss, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone.loss, tova.loss)  # the value norm changes which states stay
+
+
+def test_tova_decay_head_by_hand_and_gamma_zero_is_tova_head(model):
+    p = make_policy("tova-decay-head(gamma=0.5)", 2)  # two kv heads, one query head each
+    s = p.update(torch.tensor([[[0.8, 0.2, 0.0], [0.0, 0.4, 0.2]]]), ATTN)
+    torch.testing.assert_close(s, torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.25, 0.35]]]))
+    pos = torch.tensor([[[0, 1, 2], [0, 3, 2]]])  # the heads hold different states: ages 2, 1, 0 and 3, 0, 1
+    prio = p.priority(ATTN[:, :, -1], pos, s)  # divided by 1 - 0.5 ** (age + 1)
+    torch.testing.assert_close(prio, torch.tensor([[[0.5 / 0.875, 0.25 / 0.75, 0.25 / 0.5],
+                                                    [0.2 / 0.9375, 0.25 / 0.5, 0.35 / 0.75]]]))
+    tokens = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(7))
+    ref, ref_state = run(model, make_policy("tova-head", 6), tokens)
+    out, state = run(model, make_policy("tova-decay-head(gamma=0.0)", 6), tokens)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a.pos, b.pos) for a, b in zip(state.layers, ref_state.layers))
+    assert any(not torch.equal(a.pos[:, 0], a.pos[:, 1]) for a in state.layers)  # kv heads keep different states
+
+
+def test_tova_fit_by_hand():
+    from msrnn.policies import TOVAFit
+
+    p = TOVAFit(2, sinks=0)  # gamma 0.9: bias corrections 1 - 0.9 ** 3, 1 - 0.9 ** 2, 1 - 0.9 for ages 2, 1, 0
+    s, pos = torch.tensor([[[0.4, 0.2, 0.25]]]), POS.expand(1, 2, 3)
+    prio = p.priority(ATTN[:, :, -1], pos, s, values=VALUES)
+    a, size, age, c = [0.3, 0.2, 0.5], [3.0, 1.0, 2.0], [2.0, 1.0, 0.0], [0.271, 0.19, 0.1]
+    eps, log = 1e-6, torch.log
+    want = [p.W_NOW * log(torch.tensor(a[j] + eps)) + log(torch.tensor(s[0, 0, j].item() / c[j] + eps))
+            + p.W_VALUE * log(torch.tensor(size[j] + eps)) + p.W_AGE * log(torch.tensor(1 + age[j])) for j in range(3)]
+    torch.testing.assert_close(prio, torch.stack(want)[None, None])
+    p.W_NOW, p.W_VALUE, p.W_AGE = 0.0, 1.0, 0.0  # then it is the log of tova-value's priority
+    value = make_policy("tova-value(sinks=0)", 2).priority(ATTN[:, :, -1], pos, s, values=VALUES)
+    torch.testing.assert_close(p.priority(ATTN[:, :, -1], pos, s, values=VALUES).exp(), value, rtol=1e-4, atol=0)
+    assert TOVAFit(2).priority(ATTN[:, :, -1], pos, s, values=VALUES)[0, 0, 0] == INF  # the first token stays

@@ -173,7 +173,7 @@ class Constant(Policy):
 
 
 @pytest.mark.parametrize("model_type,policy", [("llama", "tova"), ("llama", "h2o"), ("llama", "tova-head"),
-                                               ("llama", "tova-decay"), ("llama", "sinks"), ("mistral", "tova"),
+                                               ("llama", "tova-decay"), ("llama", "tova-value"), ("llama", "sinks"), ("mistral", "tova"),
                                                ("llama", Constant(5))])
 def test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_does(model_type, policy, monkeypatch):
     """model.ring_step (a full layer: the newest state takes the slot of the lowest-priority one) gives the same
