@@ -1,0 +1,88 @@
+"""What each speed lever of the decode step and the prefill buys, each timed against itself without it, in turn.
+
+    python benchmarks/decode_levers.py --dtype auto --threads 2 [--compile]
+
+- ring:    a full layer's decode step as one slot write (`model.ring_step`) vs the general path (append, drop_lowest,
+           compact), TOVA-256 at stream position 2,000; next to the full cache at 2,000 and at 16.
+- gemm:    a 512-token prefill whose int layers multiply by the unpacked bf16 matrix (`quant.GEMM_ROWS`) vs the int
+           matrix-vector kernels.
+- compile: `torch.compile` of the decoder layer (`Block.forward`, inductor) vs eager, TOVA-256 and full at 16
+           (--compile: the first compile takes tens of seconds).
+Prints a markdown table: median ms over in-turn rounds (wall), and the process's CPU ms per call, which a busy
+machine disturbs less than the wall clock."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import msrnn
+import msrnn.model
+import msrnn.quant
+import msrnn.state
+from msrnn.bench import msrnn_decoder
+from msrnn.policies import make_policy
+
+
+def timed(runs: dict, rounds: int) -> dict:
+    """{name: (wall ms, cpu ms)} medians of each run, the runs alternating round by round; a run is (fn, switch)
+    where switch() puts the lever in the state the run needs."""
+    for fn, switch in runs.values():
+        switch()
+        fn()
+    out = {name: ([], []) for name in runs}
+    for _ in range(rounds):
+        for name, (fn, switch) in runs.items():
+            switch()
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            out[name][0].append(time.perf_counter() - w)
+            out[name][1].append(time.process_time() - c)
+    return {name: tuple(1000 * sorted(v)[len(v) // 2] for v in t) for name, t in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = msrnn.load(dtype=args.dtype)
+    tova, steps = make_policy("tova", 256), args.steps
+    holds, rows, forward = msrnn.state.LayerState.holds_exactly, msrnn.quant.GEMM_ROWS, msrnn.model.Block.forward
+
+    def lever(ring=True, gemm=True, block=forward):
+        def switch():
+            msrnn.state.LayerState.holds_exactly = holds if ring else (lambda self, policy: False)
+            msrnn.quant.GEMM_ROWS = rows if gemm else 1 << 30
+            msrnn.model.Block.forward = block
+        return switch
+
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    runs = {
+        "full cache at 16": (msrnn_decoder(model, None, 16, steps), lever()),
+        "full cache at 2,000": (msrnn_decoder(model, None, 2000, steps), lever()),
+        "TOVA-256 at 2,000, ring_step": (msrnn_decoder(model, tova, 2000, steps), lever()),
+        "TOVA-256 at 2,000, general path": (msrnn_decoder(model, tova, 2000, steps), lever(ring=False)),
+        "prefill 512, unpacked bf16 GEMM": (lambda: model.prefill(prompt), lever()),
+        "prefill 512, int kernels": (lambda: model.prefill(prompt), lever(gemm=False)),
+    }
+    if args.compile:
+        compiled = torch.compile(forward)
+        runs["full cache at 16, compiled layer"] = (msrnn_decoder(model, None, 16, steps), lever(block=compiled))
+        runs["TOVA-256 at 2,000, compiled layer"] = (msrnn_decoder(model, tova, 2000, steps), lever(block=compiled))
+    t = timed(runs, args.rounds)
+    lever()()
+    print(f"| {args.dtype}, {torch.get_num_threads()} threads | wall ms | CPU ms |\n|---|---:|---:|")
+    for name, (wall, cpu) in t.items():
+        per = 1 if name.startswith("prefill") else steps  # decoders run `steps` tokens per call
+        print(f"| {name} | {wall / per:.1f} | {cpu / per:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
