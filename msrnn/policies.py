@@ -344,7 +344,7 @@ class SnapKV(Policy):
         return f"{type(self).__name__}(states={self.states}, window={self.window}, kernel={self.kernel})"
 
 
-POSITION_SCHEMES = ("absolute", "shift", "loglog")
+POSITION_SCHEMES = ("absolute", "shift", "loglog", "rebase")  # see msrnn/rope.py
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
