@@ -191,14 +191,16 @@ def stream_table(res: dict) -> str:
     head = " | ".join(f"PPL {label}" for label in labels)
     ratios = " | ".join(f"{label} / control" for label in labels) if control else ""
     lines += ["## Per window", "",
-              f"| tokens | {head} | PPL full |" + (f" PPL control | {ratios} |" if control else "") +
-              " peak RSS / RSS (MiB) | state per row (MiB) |",
-              "|---|" + "---:|" * (len(labels) + 1 + (1 + len(labels) if control else 0) + 2)]
+              f"| tokens | {head} |" + (" PPL full |" if full else "") + (f" PPL control | {ratios} |" if control else "")
+              + " peak RSS / RSS (MiB) | state per row (MiB) |",
+              "|---|" + "---:|" * (len(labels) + bool(full) + (1 + len(labels) if control else 0) + 2)]
     for i, r in enumerate(res["runs"][labels[0]]):
         row = [res["runs"][label][i] for label in labels]
         f, c = full.get(r["start"]), control.get(r["start"])
         short = f" (to {f['end']})" if f and f["end"] != r["end"] else ""
-        cells = [f"{r['start']}–{r['end']}", *(f"{x['ppl']:.2f}" for x in row), f"{f['ppl']:.2f}{short}" if f else "—"]
+        cells = [f"{r['start']}–{r['end']}", *(f"{x['ppl']:.2f}" for x in row)]
+        if full:
+            cells.append(f"{f['ppl']:.2f}{short}" if f else "—")
         if control:
             cells += [f"{c['ppl']:.2f}" if c else "—", *((f"{x['ppl'] / c['ppl']:.3f}" if c else "—") for x in row)]
         now = "?" if r["rss_mib"] is None else f"{r['rss_mib']:.0f}"
