@@ -20,6 +20,9 @@ class RowPolicies(Policy):
     """Several policies, each with its own budget, each owning a block of `rows` consecutive batch rows, so that one
     `model.step` advances all of them (rows member-major: member i owns rows [i*rows, (i+1)*rows)).
 
+    Members may use different position schemes: `positions` is then a tuple of one scheme per row, and if any
+    rotates keys at use (shift, loglog) every row does (an absolute row is given its own positions back).
+
     The model asks a policy for one priority per row and kv head; this one asks each member about its own rows and
     stacks the answers. `budget()` gives each row its own k; the model asks for priorities as soon as any row may
     have to evict (`min_budget()`), and a row under its budget keeps everything."""
@@ -27,15 +30,16 @@ class RowPolicies(Policy):
     name = "rows"
 
     def __init__(self, members: Sequence[Policy], rows: int):
-        if len({m.positions for m in members}) != 1:
-            raise InputError("RowPolicies needs members with one position scheme; got "
-                             f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
         super().__init__(min(m.states for m in members), members[0].positions)
+        if len({m.positions for m in members}) > 1:  # one scheme per row (msrnn.rope.effective_positions)
+            self.positions = tuple(m.positions for m in members for _ in range(rows))
         self.members, self.rows = list(members), rows
         self.needs_attention = any(m.needs_attention for m in members)
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
         self.needs_values = any(m.needs_values for m in members)
+        self.drops = any(m.drops for m in members)
+        self.uniform = len({m.states for m in members}) == 1  # one budget: the model's plain eviction path applies
         self._budget = torch.tensor([m.states for m in members]).repeat_interleave(rows)[:, None, None]  # (R, 1, 1)
         self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
         for i, member in enumerate(self.members):
@@ -45,8 +49,8 @@ class RowPolicies(Policy):
                 self.blocks.append([member, i * rows, (i + 1) * rows])
 
     def budget(self) -> torch.Tensor:
-        """(R, 1, 1) each row's budget."""
-        return self._budget
+        """(R, 1, 1) each row's budget (the int k when every member has the same)."""
+        return self.states if self.uniform else self._budget
 
     def update(self, score, attn):
         out = score.clone()  # (R, Hkv, n)

@@ -42,11 +42,17 @@ def model_options(p, dtype: str = "fp32") -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
 
 
-def policy_options(p, policy: str | None, states: int | None, note: str = "", prefill: bool = True) -> None:
+def policy_options(p, policy: str | None, states: int | None, note: str = "", prefill: bool = True,
+                   several_positions: bool = False) -> None:
     p.add_argument("--policy", default=policy, help=f"which states to keep: {POLICY_FORMS}{note}")
     p.add_argument("--states", type=int, default=states, metavar="K", help="the policy's budget: states per layer")
-    p.add_argument("--positions", default=None, choices=POSITION_SCHEMES,
-                   help="position scheme of the kept states (default: the policy's own, absolute)")
+    if several_positions:  # checked by the command (msrnn.stream.parse_positions)
+        p.add_argument("--positions", default=None, metavar="SCHEMES",
+                       help=f"position schemes of the kept states, comma-separated to compare several "
+                            f"({', '.join(POSITION_SCHEMES)}; default: the policy's own, absolute)")
+    else:
+        p.add_argument("--positions", default=None, choices=POSITION_SCHEMES,
+                       help="position scheme of the kept states (default: the policy's own, absolute)")
     if prefill:
         p.add_argument("--prefill", default="exact", choices=PREFILL_MODES,
                        help="exact: the prompt runs as the recurrence (evicting per token, layer-major); fast: one "
@@ -211,19 +217,27 @@ def add_eval(sub) -> None:
 
     s = ev.add_parser(
         "stream", formatter_class=Formatter, help="PPL and memory along one long stream, past the trained context",
-        description="Feed ONE long stream (batch 1) through the bounded recurrence and report PPL per window,\n"
-                    "peak and current RSS and state size, next to the full model on the first --full-tokens tokens\n"
-                    "(its trained context by default). The text is repeated if it is shorter than --tokens (the\n"
+        description="Feed ONE long stream through the bounded recurrence and report PPL per window, peak and\n"
+                    "current RSS and state size, next to the full model on the first --full-tokens tokens (its\n"
+                    "trained context by default). --positions a,b,... runs one batch row per position scheme over\n"
+                    "the same text. --control N reads the last N windows again from an empty state (each after\n"
+                    "--control-warmup tokens of the text before it, the policy at absolute positions) and reports\n"
+                    "stream / fresh per window and pooled. The text is repeated if it is shorter than --tokens (the\n"
                     "output says so). Writes stream.md, stream.csv, stream.json and stream.png into --out.",
         epilog="example:\n  msrnn eval stream --text ../shared/data/pride-and-prejudice.txt --policy tova --states 512 "
-               "--tokens 70000")
+               "--tokens 70000 --positions absolute,shift,rebase --control 10 --full-tokens 0")
     text_options(s, "out/stream-<text name>")
     model_options(s)
-    policy_options(s, "tova", 512, prefill=False)
+    policy_options(s, "tova", 512, prefill=False, several_positions=True)
     s.add_argument("--tokens", type=int, default=70000, metavar="N", help="stream length")
     s.add_argument("--window", type=int, default=1000, metavar="W", help="tokens per reported window")
     s.add_argument("--full-tokens", type=int, default=None, metavar="N",
                    help="run the full model on the first N tokens (default min(max_position_embeddings, --tokens))")
+    s.add_argument("--control", type=int, default=0, metavar="N",
+                   help="fresh-read controls for the last N windows (0: none)")
+    s.add_argument("--control-warmup", type=int, default=1000, metavar="W",
+                   help="unscored tokens read before each control window (the text just before it)")
+    s.add_argument("--control-batch", type=int, default=8, metavar="N", help="control windows run together")
     s.set_defaults(run="stream:run_stream")
 
     from .qa import DEFAULT_TASK_POLICIES

@@ -188,8 +188,9 @@ class PolicyCache(Cache):
         if prefill not in PREFILL_MODES:
             raise InputError(f"prefill={prefill!r} is unknown; choose 'exact' or 'fast'.")
         if getattr(policy, "positions", "absolute") != "absolute":
-            raise InputError(f"positions={policy.positions!r} needs keys cached before rotation, which transformers "
-                             "does not hand to a cache; use positions='absolute' with PolicyCache.")
+            raise InputError(f"positions={policy.positions!r} moves keys to new positions (rotated at use, or "
+                             "renumbered), which transformers' cache does not allow; use positions='absolute' with "
+                             "PolicyCache.")
         super().__init__(layers=[])
         self.policy, self.prefill = policy, prefill
         if state is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import Config
 from .errors import InputError
 from .policies import Policy, check_priority
-from .rope import cos_sin, effective_positions, inv_frequencies, rotate
+from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
 from .state import EMPTY, INF, State
 
 
@@ -71,7 +71,7 @@ class Block(nn.Module):
         qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q | k | v, hd)
         inv_freq, cos, sin = rope
         scheme = policy.positions if policy is not None else "absolute"
-        if scheme == "absolute":  # keys are cached rotated, once, at their absolute position
+        if not rotates_at_use(scheme):  # keys are cached rotated, once, at their (absolute or rebased) position
             qk = rotate(qkv[:, :, : H + Hkv], cos[:, :, None], sin[:, :, None])  # q and k heads in one rotation
             qkv = torch.cat([qk, qkv[:, :, H + Hkv :]], dim=2)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
@@ -99,7 +99,7 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     bounded = policy is not None and policy.states is not None
     if valid is not None:
         pos = pos.masked_fill(~valid, EMPTY)  # a padding token never enters: its slot is EMPTY from the start
-    elif bounded and each_token and T == 1 and scheme == "absolute" and layer_state.holds_exactly(policy):
+    elif bounded and each_token and T == 1 and not rotates_at_use(scheme) and layer_state.holds_exactly(policy):
         return ring_step(q, k, v, layer_state, pos, policy, window)  # the common decode step, in fewer operations
     if bounded and each_token and T > 1:
         layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
@@ -107,11 +107,11 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     layer_state.append(k, v, pos)  # n -> n + T states (the candidates)
     # Queries 0..first-1 cannot cause an eviction (the layer holds <= k states until then): one parallel call.
     first = T if not bounded or not each_token else min(max(policy.min_budget() - n0, 0), T)
-    if scheme != "absolute" and inv_freq.dim() == 2:
+    if rotates_at_use(scheme) and inv_freq.dim() == 2:
         first = 0  # per-token dynamic RoPE re-rotates every kept key at each step: no parallel shortcut
     S = layer_state.size
     needs_probs = bounded and (policy.needs_attention or policy.keeps_score)
-    if fused and not needs_probs and scheme == "absolute" and first:  # the output without the probabilities
+    if fused and not needs_probs and not rotates_at_use(scheme) and first:  # the output without the probabilities
         probs, out = None, fused_attention(q[:, :, :, :first], layer_state, pos[:, :first], window)
     else:
         probs, out = attend_parallel(q[:, :, :, :first], layer_state, pos[:, :first], scheme, inv_freq, S - T,
@@ -188,7 +188,7 @@ def attend_parallel(q, layer_state, qpos, scheme, inv_freq, new_at, window):
     if T == 0:
         return torch.empty(B, Hkv, G, 0, S, device=q.device)
     kpos, keys = layer_state.pos[:, :, :S], layer_state.keys[:, :, :S]
-    if scheme != "absolute":  # raw keys cached; positions re-assigned inside the state at every use
+    if rotates_at_use(scheme):  # raw keys cached; positions re-assigned inside the state at every use
         c, s = cos_sin(effective_positions(kpos, scheme), inv_freq, q.dtype)  # (B, Hkv, S, hd)
         keys = rotate(keys, c, s)
         q = rotate(q, c[:, :, None, new_at : new_at + T], s[:, :, None, new_at : new_at + T])
@@ -234,7 +234,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
     if window is not None:  # Mistral: a state further back than the window is invisible (not evicted)
         too_old = (qpos.T[:, :, None, None] - true_pos[None]) >= window  # (T, B, Hkv, S)
     scores = None
-    if scheme == "absolute":  # keys do not move: all T queries against all S slots at once
+    if not rotates_at_use(scheme):  # keys do not move: all T queries against all S slots at once
         scores = (q.reshape(B, Hkv, G * T, hd) @ layer_state.keys[:, :, :S].transpose(-1, -2)).view(B, Hkv, G, T, S)
         scores = (scores * (1.0 / math.sqrt(hd))).permute(3, 0, 1, 2, 4).contiguous()  # (T, B, Hkv, G, S)
     probs = torch.empty(T, B, Hkv, G, S, device=q.device)  # fp32
@@ -346,7 +346,7 @@ class Transformer(nn.Module):
         # k + the incoming token + a spare slot; a budget beyond the trained context starts there and grows as needed
         capacity = min(states, cfg.max_position_embeddings) + 2 if states is not None else 64
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
-        rope_at_use = getattr(policy, "positions", "absolute") != "absolute"
+        rope_at_use = rotates_at_use(getattr(policy, "positions", "absolute"))
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
                            self.dtype, rope_at_use=rope_at_use, meta=meta, device=self.embed.weight.device)
 
@@ -358,6 +358,12 @@ class Transformer(nn.Module):
         policy still evicts after every token). each_token=False evicts once per layer, after the T tokens."""
         self._check(tokens, state, policy)
         B, T = tokens.shape
+        scheme = getattr(policy, "positions", "absolute")
+        if "rebase" in ((scheme,) if isinstance(scheme, str) else scheme):
+            split = self._rebase(state, scheme, T)
+            if split:  # a rebase row reaches the trained context inside these tokens: renumber it right there
+                first = self._advance(tokens[:, :split], state, policy, each_token)
+                return torch.cat([first, self._advance(tokens[:, split:], state, policy, each_token)], dim=1)
         pos = state.next_pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) absolute positions
         cfg = self.cfg
         if policy is not None and policy.states is not None and each_token:
@@ -372,6 +378,41 @@ class Transformer(nn.Module):
             x = block(x, layer_state, pos, (inv_freq, cos, sin), policy, each_token)
         state.next_pos = state.next_pos + T
         return self.norm(x)
+
+    def _rebase(self, state: State, scheme, T: int) -> int:
+        """The `rebase` position scheme: when a row of that scheme reaches the trained context (its next position
+        is max_position_embeddings), renumber the states each layer holds 0, 1, ..., n-1 in position order (what
+        `shift` does at every step) and continue the row's stream from the largest n. Cached keys are turned by
+        the difference, R(new - old) R(old) k = R(new) k, so between two rebases a row runs exactly as with
+        absolute positions, at the cost of one rotation of the state every few thousand tokens, and no query
+        ever meets a key further back than the trained context (unless the budget itself is that large).
+        Positions are rewritten: whatever reads them later (policies, the retention trace) sees the new ones.
+        Returns how many of the T new tokens to feed before a row reaches the limit (0: none does), so that the
+        caller splits there: where a rebase happens never depends on how the stream was cut into calls."""
+        per_row = [scheme] * state.batch_size if isinstance(scheme, str) else list(scheme)
+        limit = self.cfg.max_position_embeddings
+        rows = torch.tensor([s == "rebase" for s in per_row], device=state.next_pos.device)
+        ahead = limit - state.next_pos[rows]  # (R,) tokens each rebase row may still take
+        inside = ahead[(ahead > 0) & (ahead < T)]
+        if len(inside):
+            return int(inside.min())
+        rows &= state.next_pos >= limit  # (B,) rows at the trained context
+        if not bool(rows.any()):
+            return 0
+        inv_freq = inv_frequencies(self.cfg.rope, self.cfg.head_dim, limit).to(state.next_pos.device)  # unscaled
+        top = torch.full_like(state.next_pos[rows], -1)  # (R,) the largest new position in any layer
+        for layer in state.layers:
+            n = layer.size
+            old = layer.pos[rows, :, :n]  # (R, Hkv, n)
+            held = old != EMPTY
+            new = effective_positions(old, "shift").long().masked_fill(~held, EMPTY)  # (R, Hkv, n) ranks 0..
+            if not state.rope_at_use:  # keys were rotated at `old`: turn them on to `new`
+                c, s = cos_sin((new - old).masked_fill(~held, 0), inv_freq, layer.keys.dtype)  # (R, Hkv, n, hd)
+                layer.keys[rows, :, :n] = rotate(layer.keys[rows, :, :n], c, s)
+            layer.pos[rows, :, :n] = new
+            top = torch.maximum(top, new.flatten(1).amax(dim=1))
+        state.next_pos[rows] = top + 1
+        return 0
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding matrix (int weights keep an int copy in lm_head instead)
@@ -461,6 +502,6 @@ class Transformer(nn.Module):
         if policy is not None and not isinstance(policy, Policy):
             raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got {type(policy).__name__}; "
                              "build one with msrnn.policies.make_policy(name, states).")
-        if state.rope_at_use != (getattr(policy, "positions", "absolute") != "absolute"):
+        if state.rope_at_use != rotates_at_use(getattr(policy, "positions", "absolute")):
             raise InputError("this state caches keys for another position scheme than the policy's; make the state "
                              "with model.init_state(batch_size, policy) for the policy you step with.")

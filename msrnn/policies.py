@@ -430,7 +430,7 @@ class TOVAFit(TOVAValue):
         return prio.masked_fill(pos1 < self.sinks, INF)
 
 
-POSITION_SCHEMES = ("absolute", "shift", "loglog")
+POSITION_SCHEMES = ("absolute", "shift", "loglog", "rebase")  # see msrnn/rope.py
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,

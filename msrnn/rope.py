@@ -14,6 +14,7 @@ Scaling types change only `inv_freq`:
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -67,12 +68,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 LOGLOG_LINEAR = 10  # gaps up to this many tokens keep their exact length under the loglog scheme
+AT_USE = ("shift", "loglog")  # schemes whose keys are cached un-rotated and rotated at every use
+# absolute: keys rotated once at their stream position. rebase: the same, but when the next position would reach the
+# trained context the held states are renumbered 0..n-1 (model.rebase), so no distance ever passes it.
+CACHED = ("absolute", "rebase")
+
+
+def rotates_at_use(scheme) -> bool:
+    """True if keys are cached before rotation: a scheme of AT_USE, or a per-row tuple of schemes holding one (a
+    batch mixing the two kinds rotates every row at use; an absolute row then gets its own positions back)."""
+    return any(s in AT_USE for s in ((scheme,) if isinstance(scheme, str) else scheme))
 
 
 def compress_gap(gap: torch.Tensor, scheme: str) -> torch.Tensor:
     """How far apart two neighbouring kept states are made to look, given their true distance `gap` (>= 0)."""
     gap = gap.float()
-    if scheme == "absolute":
+    if scheme in CACHED:
         return gap
     if scheme == "shift":
         return gap.clamp(max=1)  # neighbours in the state are neighbours in position (StreamingLLM)
@@ -81,13 +92,21 @@ def compress_gap(gap: torch.Tensor, scheme: str) -> torch.Tensor:
     return torch.where(gap <= LOGLOG_LINEAR, gap, big)
 
 
-def effective_positions(pos: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Positions the kept states are rotated at, (..., S) float, from their absolute positions pos (..., S).
+def effective_positions(pos: torch.Tensor, scheme) -> torch.Tensor:
+    """Positions the kept states are rotated at, (B, ..., S) float, from their absolute positions pos (B, ..., S).
 
     Walk the kept states in position order from a virtual origin at -1; each step advances by the compressed gap.
     absolute: the positions themselves. shift: 0, 1, 2, ... in position order. loglog: long jumps shrunk.
-    Empty slots (pos == -1) get gap 0 and are masked out anyway.
+    Empty slots (pos == -1) get gap 0 and are masked out anyway. `scheme` may be a tuple of one scheme per row
+    (RowPolicies mixing schemes): each run of rows with one scheme is computed on its own.
     """
+    if not isinstance(scheme, str):
+        out, first = torch.empty(pos.shape, device=pos.device), 0
+        for name, run in itertools.groupby(scheme):
+            end = first + len(list(run))
+            out[first:end] = effective_positions(pos[first:end], name)
+            first = end
+        return out
     order = pos.argsort(dim=-1)  # (..., S) empty slots (-1) first, then increasing positions
     sorted_pos = pos.gather(-1, order)
     prev = torch.cat([torch.full_like(sorted_pos[..., :1], -1), sorted_pos[..., :-1]], dim=-1)

@@ -33,3 +33,11 @@ def test_per_token_lengths_give_each_token_the_frequencies_of_its_own_step():
     cos, _ = cos_sin(torch.tensor([[15, 16, 17, 20]]), table, torch.float32)  # (B, T) with (T, hd/2) -> (B, T, hd)
     assert cos.shape == (1, 4, 8)
     assert torch.equal(cos[0, 2], cos_sin(torch.tensor([17]), table[2], torch.float32)[0][0])
+
+
+def test_effective_positions_of_rows_with_schemes_of_their_own():
+    pos = torch.tensor([[5, -1, 100, 40], [5, -1, 100, 40], [7, 3, -1, 9]])  # (B=3, S=4)
+    mixed = effective_positions(pos, ("absolute", "shift", "shift"))
+    assert mixed[0].tolist() == [5, -1, 100, 40]  # absolute: the positions themselves (empty slots at -1)
+    assert mixed[1:].tolist() == effective_positions(pos[1:], "shift").tolist() == [[0, -1, 2, 1], [1, 0, -1, 2]]
+    assert effective_positions(pos, ("rebase",) * 3).tolist() == effective_positions(pos, "absolute").tolist()

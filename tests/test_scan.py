@@ -1,7 +1,7 @@
 """The layer-major scan (model.prefill(mode="exact"), chunks of any size) equals the token-major recurrence
 (model.step per token): the same logits (fp32, <= 1e-5) and the same states kept in every layer, for every built-in
-policy, budgets {1, 7, >= T}, every position scheme, batches whose rows hold different policies and budgets, on random
-tiny Llama/Mistral checkpoints; and on the bundled SmolLM2 over 256 real tokens."""
+policy, budgets {1, 7, >= T}, every position scheme, batches whose rows hold different policies, budgets and
+position schemes, on random tiny Llama/Mistral checkpoints; and on the bundled SmolLM2 over 256 real tokens."""
 import importlib.util
 import tempfile
 
@@ -47,10 +47,9 @@ def cases(draw):
     if model_type == "mistral":
         cfg["sliding_window"] = draw(st.one_of(st.none(), st.integers(2, 12)))
     T = draw(st.integers(2, 40))
-    positions = draw(st.sampled_from(POSITION_SCHEMES))
     members = []
-    for _ in range(draw(st.integers(1, 3))):  # batch rows holding different policies and budgets
-        name = draw(st.sampled_from(BUILT_IN))
+    for _ in range(draw(st.integers(1, 3))):  # batch rows holding different policies, budgets and position schemes
+        name, positions = draw(st.sampled_from(BUILT_IN)), draw(st.sampled_from(POSITION_SCHEMES))
         k = draw(st.sampled_from([1, 7, T + draw(st.integers(0, 3))]))
         try:
             members.append(make_policy(name, k, positions=positions))
