@@ -30,11 +30,16 @@ class RowPolicies(Policy):
         if len({m.positions for m in members}) != 1:
             raise InputError("RowPolicies needs members with one position scheme; got "
                              f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
-        super().__init__(min(m.states for m in members), members[0].positions)
         self.members, self.rows = list(members), rows
         self.needs_attention = any(m.needs_attention for m in members)
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
+        self.needs_keys = any(m.needs_keys for m in members)
+        self._layers = {}  # (layer, layers) -> the RowPolicies of the members' policies for that layer
+        if any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer (PyramidKV...):
+            self.states, self.positions = [m.states for m in members], members[0].positions  # bound by at_layer
+            return
+        super().__init__(min(m.states for m in members), members[0].positions)
         self._budget = torch.tensor([m.states for m in members]).repeat_interleave(rows)[:, None, None]  # (R, 1, 1)
         self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
         for i, member in enumerate(self.members):
@@ -42,6 +47,13 @@ class RowPolicies(Policy):
                 self.blocks[-1][2] = (i + 1) * rows
             else:
                 self.blocks.append([member, i * rows, (i + 1) * rows])
+
+    def at_layer(self, layer, layers):
+        if not hasattr(self, "_budget"):  # a member has budgets per layer: its rows get this layer's
+            if (layer, layers) not in self._layers:
+                self._layers[layer, layers] = RowPolicies([m.at_layer(layer, layers) for m in self.members], self.rows)
+            return self._layers[layer, layers]
+        return self
 
     def budget(self) -> torch.Tensor:
         """(R, 1, 1) each row's budget."""
@@ -54,8 +66,9 @@ class RowPolicies(Policy):
                 out[a:b] = m.update(score[a:b], attn[a:b])
         return out
 
-    def priority(self, attn, pos, score):
-        return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b]),
+    def priority(self, attn, pos, score, keys=None):
+        return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b],
+                                                       **({"keys": keys[a:b]} if m.needs_keys else {})),
                                          pos[a:b]).expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import InputError
-from .policies import Policy, check_priority
+from .policies import Policy, check_priority, layer_budgets
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate
 from .state import EMPTY, INF, State
 
@@ -120,7 +120,7 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
         kpos = layer_state.pos[:, :, :S]
         last = probs.reshape(B, H, T, S)[:, :, -1] if probs is not None else None
-        prio = policy.priority(last, kpos, layer_state.score[:, :, :S])
+        prio = ask(policy, last, kpos, layer_state.score[:, :, :S], layer_state.keys[:, :, :S])
         layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
     if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
         layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
@@ -137,6 +137,13 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if bounded:
         layer_state.compact()  # evicted slots go to the newest survivors: the layer holds <= k slots again
     return out.view(B, Hkv, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # (B, T, H*hd)
+
+
+def ask(policy: Policy, attn, pos, score, keys):
+    """policy.priority(attn, pos, score), and the keys held (B, Hkv, n, hd) for a policy that reads them."""
+    if policy.needs_keys:
+        return policy.priority(attn, pos, score, keys=keys)
+    return policy.priority(attn, pos, score)
 
 
 def update_score(policy: Policy, score, attn, valid=None):
@@ -217,7 +224,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         live = int(counts.max())
         plain = live == int(counts.min())
     lowest, hidden = torch.finfo(q.dtype).min, torch.empty_like(pos, dtype=torch.bool)
-    score = layer_state.score[:, :, :S]  # (B, Hkv, S) a view
+    score, keys = layer_state.score[:, :, :S], layer_state.keys[:, :, :S]  # (B, Hkv, S), (B, Hkv, S, hd) views
     for t in range(T):
         pos.select(2, start + t).copy_(entering.select(2, t))  # token t enters: n -> n + 1 states
         torch.eq(pos, EMPTY, out=hidden)  # (B, Hkv, S)
@@ -236,7 +243,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
             score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
-        prio = check_priority(policy, policy.priority(attn, pos, score), pos, nan=t == T - 1)  # NaN: once a chunk
+        prio = check_priority(policy, ask(policy, attn, pos, score, keys), pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
             if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)
@@ -311,7 +318,8 @@ class Transformer(nn.Module):
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         states = getattr(policy, "states", None)
         # k + the incoming token + a spare slot; a budget beyond the trained context starts there and grows as needed
-        capacity = min(states, cfg.max_position_embeddings) + 2 if states is not None else 64
+        capacity = [min(k, cfg.max_position_embeddings) + 2 if k is not None else 64
+                    for k in layer_budgets(policy, cfg.num_hidden_layers)]  # per layer: PyramidKV's differ
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
         rope_at_use = getattr(policy, "positions", "absolute") != "absolute"
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
@@ -335,8 +343,10 @@ class Transformer(nn.Module):
         inv_freq = inv_freq.to(tokens.device)
         cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
         x = self.embed(tokens)  # (B, T, d)
-        for block, layer_state in zip(self.layers, state.layers):
-            x = block(x, layer_state, pos, (inv_freq, cos, sin), policy, each_token)
+        layers = len(self.layers)
+        for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
+            layer_policy = policy.at_layer(i, layers) if policy is not None else None  # its own budget (PyramidKV)
+            x = block(x, layer_state, pos, (inv_freq, cos, sin), layer_policy, each_token)
         state.next_pos = state.next_pos + T
         return self.norm(x)
 
