@@ -16,6 +16,7 @@ the prompt. The model is the bundled SmolLM2-135M GGUF, read by transformers (fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -65,7 +66,7 @@ def run_kvpress(hf, ids: torch.Tensor, P: int, press) -> tuple[torch.Tensor, flo
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    with press(hf):
+    with press(hf) if press is not None else contextlib.nullcontext():  # None: the full model
         logits = hf(ids[None, :P], past_key_values=cache, use_cache=True).logits[0, -1:]
     losses, t0 = [nll(logits, ids[P : P + 1])], time.perf_counter()
     for t in range(P, len(ids) - 1):
@@ -89,6 +90,9 @@ def main() -> None:
     import kvpress
     import transformers
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading bars: hundreds of lines
 
     gguf = bundled_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
@@ -108,7 +112,7 @@ def main() -> None:
                     if impl == "msrnn":
                         loss, m = run_msrnn(model, ids, P, make_policy(name, k) if name != "full" else None)
                     elif press_name is None:
-                        loss, m = run_kvpress(hf, ids, P, kvpress.presses.base_press.BasePress())
+                        loss, m = run_kvpress(hf, ids, P, None)
                     else:
                         press = getattr(kvpress, press_name)(compression_ratio=1 - k / P, **settings)
                         loss, m = run_kvpress(hf, ids, P, press)

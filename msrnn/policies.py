@@ -565,6 +565,7 @@ class KeyDiff(Policy):
     needs_attention = False
     needs_keys = True
     drops = False
+    min_states = 2  # k = 1 ranks 2 candidates, whose cosines to their mean are always equal: a tie rounding decides
 
     def priority(self, attn, pos, score, keys=None):
         keys = keys.float()  # (B, Hkv, n, hd) cosines in fp32 whatever the model's dtype
