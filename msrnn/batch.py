@@ -26,7 +26,8 @@ class RowPolicies(Policy):
 
     name = "rows"
 
-    def __init__(self, members: Sequence[Policy], rows: int):
+    def __init__(self, members: Sequence[Policy], rows: int, bound: bool = False):
+        """bound: the members are already one layer's policies (made by at_layer: bound once, as the model does)."""
         if len({m.positions for m in members}) != 1:
             raise InputError("RowPolicies needs members with one position scheme; got "
                              f"{', '.join(f'{m!r}/{m.positions}' for m in members)}.")
@@ -36,7 +37,7 @@ class RowPolicies(Policy):
         self.layer_local = all(m.layer_local for m in members)
         self.needs_keys = any(m.needs_keys for m in members)
         self._layers = {}  # (layer, layers) -> the RowPolicies of the members' policies for that layer
-        if any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer (PyramidKV...):
+        if not bound and any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer:
             self.states, self.positions = [m.states for m in members], members[0].positions  # bound by at_layer
             return
         super().__init__(min(m.states for m in members), members[0].positions)
@@ -51,7 +52,8 @@ class RowPolicies(Policy):
     def at_layer(self, layer, layers):
         if not hasattr(self, "_budget"):  # a member has budgets per layer: its rows get this layer's
             if (layer, layers) not in self._layers:
-                self._layers[layer, layers] = RowPolicies([m.at_layer(layer, layers) for m in self.members], self.rows)
+                self._layers[layer, layers] = RowPolicies([m.at_layer(layer, layers) for m in self.members], self.rows,
+                                                          bound=True)
             return self._layers[layer, layers]
         return self
 

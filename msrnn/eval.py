@@ -239,8 +239,12 @@ def _unevicting(policy: Policy, length: int, layers: int) -> Policy:
     """A copy of `policy` with a budget >= length: it reads a prefix of `length` tokens without evicting. Its score
     update (H2O's accumulated attention) does not depend on the budget, so the prefix state is the member's own.
     A policy with budgets per layer gets a copy of each layer's policy."""
-    if type(policy).at_layer is not Policy.at_layer:
-        return PerLayer([_unevicting(policy.at_layer(i, layers), length, layers) for i in range(layers)])
+    if type(policy).at_layer is not Policy.at_layer:  # bound once, as the model binds it (no second at_layer)
+        return PerLayer([_twin(policy.at_layer(i, layers), length) for i in range(layers)])
+    return _twin(policy, length)
+
+
+def _twin(policy: Policy, length: int) -> Policy:
     twin = copy.copy(policy)
     twin.states = max(policy.states, length)
     return twin

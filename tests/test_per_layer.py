@@ -12,6 +12,7 @@ import msrnn
 from msrnn.errors import InputError
 from msrnn.eval import _parse_grid, check_layers, perplexity
 from msrnn.policies import INF, KeyDiff, PerLayer, PyramidKV, SnapKV, TOVA, layer_budgets, make_policy, parse_states
+from test_eval import checkpoint, ppl_args, text_file  # noqa: F401 (fixtures of the tiny eval checkpoint)
 from tiny import hf_model, save
 
 TOL = 1e-5  # fp32
@@ -186,3 +187,27 @@ def test_cli_states_option_takes_a_list(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--states", "[4,x]"])
     assert "one per layer in brackets" in capsys.readouterr().err  # msrnn's message, through argparse
+
+
+
+def test_eval_ppl_grid_with_per_layer_budgets_resumes(checkpoint, text_file, tmp_path, capsys):
+    """`msrnn eval ppl --states "6,[10,6]"` on test_eval's tiny 2-layer checkpoint: the per-layer column is in the
+    table, --resume reads the per-layer units back (a list in JSON) to the same table, and a list of the wrong
+    length is one error before any run."""
+    import json
+
+    from msrnn.cli import main
+
+    args = ppl_args(checkpoint, text_file, tmp_path / "out", "--policies", "tova,pyramidkv")
+    args[args.index("--states") + 1] = "6,[10,6]"
+    assert main(args) == 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| policy | 6 | [10,6] |" in table  # sorted by mean budget
+    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert {(c["policy"], str(c["states"])) for c in cells} >= {("tova", "[10, 6]"), ("pyramidkv", "[10, 6]")}
+    assert main([*args, "--resume"]) == 0 and (tmp_path / "out" / "table.md").read_text() == table
+    bad = ppl_args(checkpoint, text_file, tmp_path / "bad", "--policies", "tova")
+    bad[bad.index("--states") + 1] = "6,[8,4,2]"
+    with pytest.raises(SystemExit):
+        main(bad)
+    assert "3 per-layer budgets for a model of 2 layers" in capsys.readouterr().err
