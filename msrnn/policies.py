@@ -415,7 +415,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 def make_policy(name: str, states: int | None = None, positions: str | None = None, **kwargs) -> Policy | None:
     """The policy called `name` (as the CLI spells it, settings allowed: "tova-decay(gamma=0.8)") with budget
-    `states` and position scheme `positions` (None: the policy's own default); `full` gives None (unbounded)."""
+    `states` and position scheme `positions` (None: the policy's own default); `full` gives None (unbounded).
+    `states` as a list gives every layer its own budget (layer 0 first): a PerLayer of one such policy per layer."""
     if positions is not None:
         kwargs["positions"] = positions
     spec, (name, settings) = name, parse_spec(name)
