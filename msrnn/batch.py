@@ -29,16 +29,23 @@ class RowPolicies(Policy):
 
     name = "rows"
 
-    def __init__(self, members: Sequence[Policy], rows: int):
-        super().__init__(min(m.states for m in members), members[0].positions)
-        if len({m.positions for m in members}) > 1:  # one scheme per row (msrnn.rope.effective_positions)
-            self.positions = tuple(m.positions for m in members for _ in range(rows))
+    def __init__(self, members: Sequence[Policy], rows: int, bound: bool = False):
+        """bound: the members are already one layer's policies (made by at_layer: bound once, as the model does)."""
+        schemes = {m.positions for m in members}
+        positions = members[0].positions if len(schemes) == 1 else tuple(m.positions for m in members for _ in range(rows))
         self.members, self.rows = list(members), rows
         self.needs_attention = any(m.needs_attention for m in members)
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
         self.needs_values = any(m.needs_values for m in members)
+        self.needs_keys = any(m.needs_keys for m in members)
         self.drops = any(m.drops for m in members)
+        self._layers = {}  # (layer, layers) -> the RowPolicies of the members' policies for that layer
+        if not bound and any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer:
+            self.states, self.positions = [m.states for m in members], positions  # bound by at_layer
+            return
+        super().__init__(min(m.states for m in members), members[0].positions)
+        self.positions = positions  # one scheme per row if they differ (msrnn.rope.effective_positions)
         self.uniform = len({m.states for m in members}) == 1  # one budget: the model's plain eviction path applies
         self._budget = torch.tensor([m.states for m in members]).repeat_interleave(rows)[:, None, None]  # (R, 1, 1)
         self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
@@ -47,6 +54,14 @@ class RowPolicies(Policy):
                 self.blocks[-1][2] = (i + 1) * rows
             else:
                 self.blocks.append([member, i * rows, (i + 1) * rows])
+
+    def at_layer(self, layer, layers):
+        if not hasattr(self, "_budget"):  # a member has budgets per layer: its rows get this layer's
+            if (layer, layers) not in self._layers:
+                self._layers[layer, layers] = RowPolicies([m.at_layer(layer, layers) for m in self.members], self.rows,
+                                                          bound=True)
+            return self._layers[layer, layers]
+        return self
 
     def budget(self) -> torch.Tensor:
         """(R, 1, 1) each row's budget (the int k when every member has the same)."""
@@ -59,8 +74,9 @@ class RowPolicies(Policy):
                 out[a:b] = m.update(score[a:b], attn[a:b])
         return out
 
-    def priority(self, attn, pos, score, values=None):
+    def priority(self, attn, pos, score, keys=None, values=None):
         return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b],
+                                                       **({"keys": keys[a:b]} if m.needs_keys else {}),
                                                        **({"values": values[a:b]} if m.needs_values else {})),
                                          pos[a:b]).expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 

@@ -18,7 +18,7 @@ import sys
 from . import __version__
 from .errors import InputError, MsrnnError
 from .model import PREFILL_MODES
-from .policies import FULL, POLICIES, POSITION_SCHEMES
+from .policies import FULL, POLICIES, POSITION_SCHEMES, parse_states
 from .quant import FORMATS
 
 BUNDLED = "the bundled SmolLM2-135M-Instruct GGUF"
@@ -42,10 +42,19 @@ def model_options(p, dtype: str = "fp32") -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
 
 
+def states_arg(text: str):
+    """--states K or "[k0,k1,...]" (msrnn.policies.parse_states), its message shown by argparse if it is wrong."""
+    try:
+        return parse_states(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def policy_options(p, policy: str | None, states: int | None, note: str = "", prefill: bool = True,
                    several_positions: bool = False) -> None:
     p.add_argument("--policy", default=policy, help=f"which states to keep: {POLICY_FORMS}{note}")
-    p.add_argument("--states", type=int, default=states, metavar="K", help="the policy's budget: states per layer")
+    p.add_argument("--states", type=states_arg, default=states, metavar="K",
+                   help='the policy\'s budget: states per layer, or one per layer as "[96,64,32]" (layer 0 first)')
     if several_positions:  # checked by the command (msrnn.stream.parse_positions)
         p.add_argument("--positions", default=None, metavar="SCHEMES",
                        help=f"position schemes of the kept states, comma-separated to compare several "
@@ -197,7 +206,8 @@ def add_eval(sub) -> None:
     model_options(q)
     q.add_argument("--policies", default=DEFAULT_POLICIES,
                    help=f"comma-separated policies: {POLICY_FORMS}; full is always measured")
-    q.add_argument("--states", default="64,128,256,512", help="comma-separated budgets k")
+    q.add_argument("--states", default="64,128,256,512",
+                   help="comma-separated budgets k; one per layer in brackets, e.g. 64,[96,64,32]")
     q.add_argument("--positions", default=None, choices=POSITION_SCHEMES, help="position scheme of every policy")
     q.add_argument("--context", type=int, default=2048, metavar="T", help="tokens per chunk")
     q.add_argument("--chunks", type=int, default=2, metavar="N",

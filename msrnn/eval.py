@@ -70,7 +70,7 @@ import torch
 from .batch import RowPolicies
 from .errors import InputError
 from .model import PREFILL_MODES
-from .policies import POLICIES, Policy, make_policy, parse_spec, policy_class
+from .policies import POLICIES, PerLayer, Policy, layer_budgets, make_policy, parse_spec, parse_states, policy_class
 from .report import plain_log_axis, progress, pyplot, read_text, write_csv
 from .state import State
 
@@ -210,6 +210,11 @@ def prefix_length(states: int, prefill: str, prompt: int) -> int:
     return max(states, prompt) if prefill == "fast" else states
 
 
+def smallest_budget(policy: Policy, layers: int) -> int:
+    """The smallest budget of any layer: the first layer to evict does so after that many tokens."""
+    return min(layer_budgets(policy, layers))
+
+
 def group_steps(T: int, L: int) -> int:
     """Recurrent steps a batch runs on chunks of T tokens from prefix length L: the last prefix token, then tokens
     L..T-2. (The progress bar counts these; the reference, a few % of the time, is not counted.)"""
@@ -230,9 +235,16 @@ def _score_kind(policy: Policy):
     return key
 
 
-def _unevicting(policy: Policy, length: int) -> Policy:
+def _unevicting(policy: Policy, length: int, layers: int) -> Policy:
     """A copy of `policy` with a budget >= length: it reads a prefix of `length` tokens without evicting. Its score
-    update (H2O's accumulated attention) does not depend on the budget, so the prefix state is the member's own."""
+    update (H2O's accumulated attention) does not depend on the budget, so the prefix state is the member's own.
+    A policy with budgets per layer gets a copy of each layer's policy."""
+    if type(policy).at_layer is not Policy.at_layer:  # bound once, as the model binds it (no second at_layer)
+        return PerLayer([_twin(policy.at_layer(i, layers), length) for i in range(layers)])
+    return _twin(policy, length)
+
+
+def _twin(policy: Policy, length: int) -> Policy:
     twin = copy.copy(policy)
     twin.states = max(policy.states, length)
     return twin
@@ -246,7 +258,7 @@ def _prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
     for member in rows.members:
         kind = _score_kind(member)
         if kind not in done:
-            twin = _unevicting(member, n + 1)
+            twin = _unevicting(member, n + 1, model.cfg.num_hidden_layers)
             done[kind] = model.init_state(B, twin)
             if n:
                 model.prefill(prefix, done[kind], twin, mode="exact")
@@ -307,7 +319,7 @@ def score(model, tokens, policies: Sequence[Policy | None], prefill: str = "exac
             groups.setdefault(p.positions, []).append(i)
     for idx in groups.values():
         members = [policies[i] for i in idx]
-        starts = [prefix_length(m.states, prefill, prompt) for m in members]
+        starts = [prefix_length(smallest_budget(m, model.cfg.num_hidden_layers), prefill, prompt) for m in members]
         group = _run_rows(model, tokens, members, starts, reference, progress)
         measured.update({i: group.part(j) for j, i in enumerate(idx)})
     scored = slice(max(prompt, 1) - 1, T - 1)
@@ -359,7 +371,7 @@ def _record(path: Path, record: dict) -> None:
 
 
 def _load_results(path: Path, settings: dict, resume: bool,
-                  key: Callable[[dict], tuple] = lambda u: (u["policy"], u["states"], u["batch"]),
+                  key: Callable[[dict], tuple] = lambda u: (u["policy"], _budget_key(u["states"]), u["batch"]),
                   problem: Callable[[dict], str | None] | None = None) -> dict[tuple, dict]:
     """Finished units {key(unit): unit} ({(policy, states, batch): sums} for eval ppl) from a previous run with the
     same settings (--resume), else a fresh file holding the settings."""
@@ -397,7 +409,9 @@ def unit_problem(u) -> str | None:
 
     if not isinstance(u, dict):
         return f"a JSON {type(u).__name__}, not an object"
-    if not isinstance(u.get("policy"), str) or not (u.get("states", 0) is None or is_int(u.get("states"), 1)) \
+    states = u.get("states", 0)
+    per_layer = isinstance(states, list) and states and all(is_int(k, 1) for k in states)
+    if not isinstance(u.get("policy"), str) or not (states is None or is_int(states, 1) or per_layer) \
             or not is_int(u.get("batch")):
         return "policy, states or batch missing or of the wrong type"
     if not is_int(u.get("tokens"), 1) or not is_int(u.get("agree")) or u["agree"] > u["tokens"] \
@@ -426,18 +440,44 @@ def _parse_grid(policies: str, states: str, positions: str | None = None,
                          f"({', '.join(n for n in names if n != 'full')}), written as there.")
     if not names:
         raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
+    items = [s for s in re.split(r",(?![^\[]*\])", states) if s.strip()]  # commas outside [...]
     try:
-        budgets = sorted({int(s) for s in states.split(",") if s.strip()})
-    except ValueError:
-        raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512.") from None
-    if not budgets or budgets[0] < 1:
+        budgets = [_budget_key(parse_states(s)) for s in items]  # 256, or (96, 64, 32): one per layer
+    except InputError:
+        raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512, or budgets per "
+                         "layer in brackets, layer 0 first, e.g. 64,[96,64,32].") from None
+    if not budgets or min(min(k) if isinstance(k, tuple) else k for k in budgets) < 1:
         raise InputError(f"--states {states!r}: give positive budgets, e.g. 64,128,256,512.")
+    budgets = sorted(set(budgets), key=lambda k: (_mean(k), str(k)))
     for name in names:  # a policy file runs here, once everything else has been checked
         policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
     for name in names:  # every policy accepts every budget (clear error now, not after an hour)
         for k in budgets:
             make_policy(name, k, positions)
     return list(dict.fromkeys(names)), budgets
+
+
+def _budget_key(k):
+    """A budget as a grid key: an int, None (full), or a tuple of per-layer budgets (a list in JSON)."""
+    return tuple(k) if isinstance(k, list) else k
+
+
+def _mean(k) -> float:
+    """The mean budget per layer: where a per-layer budget sits on the x axis (PyramidKV's k is its mean)."""
+    return sum(k) / len(k) if isinstance(k, tuple) else k
+
+
+def budget_label(k) -> str:
+    """A budget as the table's column head: 256, or [96,64,32] for one per layer."""
+    return "[" + ",".join(map(str, k)) + "]" if isinstance(k, tuple) else str(k)
+
+
+def check_layers(names: list[str], budgets: list, layers: int, positions: str | None = None) -> None:
+    """Budgets per layer of the grid against the model's depth: one clear error before any run."""
+    bounded = [name for name in names if name != "full"]
+    for k in budgets:
+        if isinstance(k, tuple) and bounded:  # PerLayer.at_layer says what is wrong (the count is the policy's)
+            layer_budgets(make_policy(bounded[0], list(k), positions), layers)
 
 
 def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tuple[str, int | None]]:
@@ -459,7 +499,8 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
         if not cells or not mine(b):
             continue
         tokens = data[b0 : b0 + batch]
-        results = score(model, tokens, [make_policy(p, k, positions) for p, k in cells], prefill, prompt,
+        results = score(model, tokens, [make_policy(p, list(k) if isinstance(k, tuple) else k, positions)
+                                        for p, k in cells], prefill, prompt,
                         Reference.compute(model, tokens), bar.update if bar is not None else None)
         for (name, k), s in zip(cells, results):
             unit = {"policy": name, "states": k, "batch": b, **s.sums()}
@@ -468,10 +509,17 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
     return done
 
 
-def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=lambda b: True) -> int:
-    """Recurrent steps the remaining batches need (the progress bar's total)."""
+def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=lambda b: True, layers=None) -> int:
+    """Recurrent steps the remaining batches need (the progress bar's total); with the model's `layers`, a policy
+    whose budgets differ per layer (PyramidKV) starts where its smallest layer budget ends."""
     n, T = data_shape
-    starts = [[prefix_length(k, prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
+
+    def smallest(p, k):
+        if layers is None:
+            return min(k) if isinstance(k, tuple) else k
+        return smallest_budget(make_policy(p, list(k) if isinstance(k, tuple) else k), layers)
+
+    starts = [[prefix_length(smallest(p, k), prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
               for b in range(math.ceil(n / batch)) if mine(b)]
     return sum(group_steps(T, min(s)) for s in starts if s)
 
@@ -551,7 +599,7 @@ def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], tit
     """The paper's Table 3 layout: rows = policies, columns = states per layer; `full` (unbounded) repeated in every
     column as the reference. Then the same grid for top-1 agreement and KL(full || policy), and the paired
     comparison with one policy (`paired`) if asked for."""
-    head = "| policy | " + " | ".join(str(k) for k in budgets) + " |\n|---|" + "---:|" * len(budgets)
+    head = "| policy | " + " | ".join(map(budget_label, budgets)) + " |\n|---|" + "---:|" * len(budgets)
     blocks = [f"# {title}"]
     for label, key, fmt in (("Perplexity", "ppl", "{:.2f}"), ("Top-1 agreement with full (%)", "top1_agreement", None),
                             ("Mean KL(full || policy) per token (nats)", "kl", "{:.4f}")):
@@ -590,14 +638,15 @@ def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Pat
                 ax.axhspan(full["ppl_low"], full["ppl_high"], color="black", alpha=0.06, lw=0)
             continue
         row = [_cell(cells, name, k) for k in budgets]
-        (line,) = ax.plot(budgets, [c["ppl"] for c in row], "o-", label=name)
+        x = [_mean(k) for k in budgets]  # a budget per layer sits at its mean
+        (line,) = ax.plot(x, [c["ppl"] for c in row], "o-", label=name)
         if all(c.get("ppl_low") is not None for c in row):  # the bootstrap interval over chunks, shaded
-            ax.fill_between(budgets, [c["ppl_low"] for c in row], [c["ppl_high"] for c in row],
+            ax.fill_between(x, [c["ppl_low"] for c in row], [c["ppl_high"] for c in row],
                             color=line.get_color(), alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     plain_log_axis(ax.yaxis)
-    ax.set_xticks(budgets, [str(k) for k in budgets])
+    ax.set_xticks([_mean(k) for k in budgets], [budget_label(k) for k in budgets])
     ax.set(xlabel="states per layer (k)", ylabel="perplexity (log scale)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -620,6 +669,7 @@ def run_ppl(args, load) -> None:
     if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
         names = ["full", *names]
     model, tokenizer = load()
+    check_layers(names, budgets, model.cfg.num_hidden_layers, args.positions)
     ids = tokenizer.encode(text)
     data, index = pick_chunks(ids, args.context, args.chunks)
     batch = min(args.batch or DEFAULT_BATCH, len(data))
@@ -636,7 +686,8 @@ def run_ppl(args, load) -> None:
     if rank:  # the file rank 0 has just started or checked
         done = _load_results(results, settings, resume=True)
     mine = lambda b: b % world == rank  # noqa: E731: batches are dealt out round-robin
-    total = grid_steps(data.shape, names, budgets, args.prefill, prompt, batch, done, mine)
+    total = grid_steps(data.shape, names, budgets, args.prefill, prompt, batch, done, mine,
+                       model.cfg.num_hidden_layers)
     if rank == 0:
         print(f"msrnn eval: {len(data)} chunks x {args.context} tokens of {text_path.name} (chunks {index} of "
               f"{len(ids) // args.context}; {len(ids)} tokens), {args.prefill} prefill, prompt {prompt}, batch {batch}; "

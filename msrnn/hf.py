@@ -48,7 +48,7 @@ import torch
 
 from .errors import CheckpointError, InputError
 from .model import PREFILL_MODES, attend
-from .policies import Policy
+from .policies import Policy, layer_budgets
 from .state import EMPTY, LayerState, State
 
 try:
@@ -72,27 +72,26 @@ class PolicyLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, policy: Policy | None, prefill: str):
+    def __init__(self, policy: Policy | None, prefill: str, index: int = 0):
         super().__init__()
-        self.policy, self.prefill = policy, prefill
+        self.policy, self.prefill, self.index = policy, prefill, index
+        self.layer_policy: Policy | None = None  # policy.at_layer(index, layers): this layer's own budget (PyramidKV)
         self.state: LayerState | None = None
         self.seen = 0  # tokens fed, padding included: what transformers calls the cache's sequence length
         self.pending = None  # (keys, values, positions) handed from update() to policy_attention
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, Hkv, _, hd = key_states.shape
-        states = getattr(self.policy, "states", None)
-        capacity = states + 2 if states is not None else 64  # k + the incoming token + a spare slot; grows if needed
-        dev = key_states.device
-        self.state = LayerState(
-            keys=torch.zeros(B, Hkv, capacity, hd, dtype=key_states.dtype, device=dev),
-            values=torch.zeros(B, Hkv, capacity, hd, dtype=value_states.dtype, device=dev),
-            pos=torch.full((B, Hkv, capacity), EMPTY, dtype=torch.int64, device=dev),
-            score=torch.zeros(B, Hkv, capacity, dtype=torch.float32, device=dev),
-            maybe_empty=False,
-        )
-        self.device = dev
-        self.is_initialized = True
+        self.device = key_states.device
+        self.is_initialized = True  # the LayerState itself is made by `bind`, once the layer's budget is known
+
+    def bind(self, layers: int, key_states: torch.Tensor, value_states: torch.Tensor) -> Policy | None:
+        """This layer's policy, known once the model's depth is (`layers`, from the attention module's config),
+        and the layer's state, preallocated for that policy's budget."""
+        if self.layer_policy is None and self.policy is not None:
+            self.layer_policy = self.policy.at_layer(self.index, layers)
+        if self.state is None:
+            self.state = _empty_layer(key_states, value_states, getattr(self.layer_policy, "states", None))
+        return self.layer_policy
 
     @property
     def keys(self):  # the states held, (B, Hkv, n, hd): what DynamicLayer exposes under the same name
@@ -171,8 +170,23 @@ class PolicyLayer(CacheLayerMixin):
         raise InputError("a PolicyCache does not offload; its states are already bounded by the policy's budget.")
 
 
+def _empty_layer(key_states, value_states, states: int | None) -> LayerState:
+    """A LayerState for the rows and heads of key_states (B, Hkv, T, hd), with room for `states` (None: unbounded)."""
+    B, Hkv, _, hd = key_states.shape
+    capacity = states + 2 if states is not None else 64  # k + the incoming token + a spare slot; grows if needed
+    dev = key_states.device
+    return LayerState(
+        keys=torch.zeros(B, Hkv, capacity, hd, dtype=key_states.dtype, device=dev),
+        values=torch.zeros(B, Hkv, capacity, hd, dtype=value_states.dtype, device=dev),
+        pos=torch.full((B, Hkv, capacity), EMPTY, dtype=torch.int64, device=dev),
+        score=torch.zeros(B, Hkv, capacity, dtype=torch.float32, device=dev),
+        maybe_empty=False,
+    )
+
+
 class PolicyCache(Cache):
-    """A transformers Cache that keeps at most `policy.states` states per layer, chosen by a msrnn Policy.
+    """A transformers Cache that keeps at most `policy.states` states per layer, chosen by a msrnn Policy (a
+    policy with a budget per layer, PyramidKV or `make_policy(name, [k_0, k_1, ...])`, keeps k_i in layer i).
 
     policy: any msrnn Policy (built-in, `make_policy(...)`, your own class, `RowPolicies` for per-row budgets),
     or None for the unbounded transformer. prefill: "exact" (a prompt evicts token by token, as msrnn's
@@ -197,15 +211,15 @@ class PolicyCache(Cache):
             if state.rope_at_use:
                 raise InputError("this State caches un-rotated keys (shift/loglog positions); PolicyCache needs "
                                  "absolute positions.")
-            for layer_state in state.layers:
-                layer = PolicyLayer(policy, prefill)
+            for i, layer_state in enumerate(state.layers):
+                layer = PolicyLayer(policy, prefill, i)
                 layer.state, layer.device, layer.is_initialized = layer_state, layer_state.keys.device, True
                 layer.seen = int(state.next_pos.max())
                 self.layers.append(layer)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:  # layers appear as the model first reaches them
-            self.layers.append(PolicyLayer(self.policy, self.prefill))
+            self.layers.append(PolicyLayer(self.policy, self.prefill, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
@@ -246,7 +260,11 @@ def policy_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise InputError("PolicyCache takes a 2D attention mask (batch, tokens) of 1s and 0s; a prepared 4D mask "
                          "cannot say which states a policy has kept. Pass the 2D padding mask.")
     Hkv = k.shape[1]
-    policy = layer.policy
+    layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    if layers is None and type(layer.policy).at_layer is not Policy.at_layer:
+        raise InputError(f"policy {layer.policy.name!r} has a budget per layer, but this model's attention module "
+                         "has no config.num_hidden_layers to say how many layers there are.")
+    policy = layer.bind(layers, k, v)  # this layer's policy: its own budget (PyramidKV)
     each_token = layer.prefill == "exact" or T == 1
     if policy is not None and each_token and T > 1 and not policy.layer_local:
         raise InputError(f"policy {policy.name!r} is not layer_local, so a prompt cannot run layer-major through "
@@ -295,8 +313,7 @@ class Recurrence:
         if getattr(policy, "positions", "absolute") != "absolute":
             raise InputError("the transformers backend runs absolute positions only (transformers caches keys "
                              "already rotated); drop --positions.")
-        states = getattr(policy, "states", None)
-        capacity = states + 2 if states is not None else 64
+        capacity = [k + 2 if k is not None else 64 for k in layer_budgets(policy, self.cfg.num_hidden_layers)]
         device = self.hf.get_input_embeddings().weight.device
         return State.empty(self.cfg.num_hidden_layers, batch_size, self.cfg.num_key_value_heads, self.cfg.head_dim,
                            capacity, self.dtype, meta={"model": self.identity}, device=device)

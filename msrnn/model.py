@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import InputError
-from .policies import Policy, check_priority
+from .policies import Policy, check_priority, layer_budgets
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
 from .state import EMPTY, INF, State
 
@@ -124,7 +124,7 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
         kpos = layer_state.pos[:, :, :S]
         last = probs.reshape(B, H, T, S)[:, :, -1] if probs is not None else None
-        prio = policy.priority(last, kpos, layer_state.score[:, :, :S], **values_of(policy, layer_state, S))
+        prio = ask(policy, last, kpos, layer_state.score[:, :, :S], layer_state, S)
         layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
     if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
         layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
@@ -158,16 +158,21 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:
         score.copy_(policy.update(score, attn[:, :, None]))
-    prio = policy.priority(attn, kpos, score, **values_of(policy, layer_state, S))  # (B, 1 or Hkv, S)
+    prio = ask(policy, attn, kpos, score, layer_state, S)  # (B, 1 or Hkv, S)
     layer_state.replace_lowest(check_priority(policy, prio, kpos, nan=True))
     if layer_state.trace is not None:
         layer_state.trace(pos[:, 0], layer_state.pos[:, :, : S - 1])
     return out.view(B, Hkv * G * hd)[:, None]  # (B, 1, H*hd)
 
 
-def values_of(policy: Policy, layer_state, S: int) -> dict:
-    """The optional argument of `priority`: the states' values (B, Hkv, S, hd), for a policy that asks for them."""
-    return {"values": layer_state.values[:, :, :S]} if policy.needs_values else {}
+
+def ask(policy: Policy, attn, pos, score, layer_state, S: int):
+    """policy.priority(attn, pos, score), and the layer's keys and/or values (B, Hkv, S, hd) for a policy that asks
+    for them (needs_keys: KeyDiff; needs_values: tova-value). Slots do not move inside a scan: one view serves."""
+    extra = {"keys": layer_state.keys[:, :, :S]} if policy.needs_keys else {}
+    if policy.needs_values:
+        extra["values"] = layer_state.values[:, :, :S]
+    return policy.priority(attn, pos, score, **extra)
 
 
 def update_score(policy: Policy, score, attn, valid=None):
@@ -249,7 +254,6 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         plain = live == int(counts.min())
     lowest, hidden = torch.finfo(q.dtype).min, torch.empty_like(pos, dtype=torch.bool)
     score = layer_state.score[:, :, :S]  # (B, Hkv, S) a view
-    extra = values_of(policy, layer_state, S)  # values do not move inside the loop: one view serves every step
     for t in range(T):
         pos.select(2, start + t).copy_(entering.select(2, t))  # token t enters: n -> n + 1 states
         torch.eq(pos, EMPTY, out=hidden)  # (B, Hkv, S)
@@ -268,8 +272,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
             score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
-        prio = policy.priority(attn, pos, score, **extra)
-        prio = check_priority(policy, prio, pos, nan=t == T - 1)  # NaN: once a chunk
+        prio = check_priority(policy, ask(policy, attn, pos, score, layer_state, S), pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
             if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)
@@ -344,7 +347,8 @@ class Transformer(nn.Module):
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         states = getattr(policy, "states", None)
         # k + the incoming token + a spare slot; a budget beyond the trained context starts there and grows as needed
-        capacity = min(states, cfg.max_position_embeddings) + 2 if states is not None else 64
+        capacity = [min(k, cfg.max_position_embeddings) + 2 if k is not None else 64
+                    for k in layer_budgets(policy, cfg.num_hidden_layers)]  # per layer: PyramidKV's differ
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
         rope_at_use = rotates_at_use(getattr(policy, "positions", "absolute"))
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
@@ -374,8 +378,10 @@ class Transformer(nn.Module):
         inv_freq = inv_freq.to(tokens.device)
         cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
         x = self.embed(tokens)  # (B, T, d)
-        for block, layer_state in zip(self.layers, state.layers):
-            x = block(x, layer_state, pos, (inv_freq, cos, sin), policy, each_token)
+        layers = len(self.layers)
+        for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
+            layer_policy = policy.at_layer(i, layers) if policy is not None else None  # its own budget (PyramidKV)
+            x = block(x, layer_state, pos, (inv_freq, cos, sin), layer_policy, each_token)
         state.next_pos = state.next_pos + T
         return self.norm(x)
 

@@ -43,6 +43,7 @@ class Policy:
     keeps_score = False  # set for every class that overrides `update`
     drops = True  # priority may be -inf ("drop now"); False lets the model skip that check (built-ins that never do)
     needs_values = False  # True: priority is also given values=(B, Hkv, n, hd), the states' values
+    needs_keys = False  # True: priority also takes keys=(B, Hkv, n, hd), the keys the layer holds (KeyDiff)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -63,6 +64,12 @@ class Policy:
     def min_budget(self) -> int:
         """The smallest budget of any row: a layer holding no more cannot have to evict."""
         return self.states
+
+    def at_layer(self, layer: int, layers: int) -> "Policy":
+        """The policy that bounds layer `layer` (0 = the one next to the embeddings) of a model of `layers` layers.
+        One budget for every layer: the policy itself. A per-layer policy (`PerLayer`, `PyramidKV`) answers with a
+        policy of that layer's budget; the model binds each layer once per call, so nothing else sees a list."""
+        return self
 
     def update(self, score: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return score
@@ -495,16 +502,180 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 def make_policy(name: str, states: int | None = None, positions: str | None = None, **kwargs) -> Policy | None:
     """The policy called `name` (as the CLI spells it, settings allowed: "tova-decay(gamma=0.8)") with budget
-    `states` and position scheme `positions` (None: the policy's own default); `full` gives None (unbounded)."""
+    `states` and position scheme `positions` (None: the policy's own default); `full` gives None (unbounded).
+    `states` as a list gives every layer its own budget (layer 0 first): a PerLayer of one such policy per layer."""
     if positions is not None:
         kwargs["positions"] = positions
-    name, settings = parse_spec(name)
+    spec, (name, settings) = name, parse_spec(name)
     cls = policy_class(name)
     if cls is None:  # full
         return None
     if states is None:
         raise InputError(f"policy {name!r} needs a budget: give states=k (e.g. --states 256).")
+    if isinstance(states, (list, tuple)):  # one budget per layer: one policy per layer
+        return PerLayer([make_policy(spec, _layer_budget(name, k), None, **kwargs) for k in states])
     try:
         return cls(states, **settings, **kwargs)
     except TypeError as e:  # a setting the class does not take
         raise InputError(f"policy {name!r} does not take the settings {settings or kwargs}: {e}") from None
+
+
+# --- budgets per layer (PyramidKV), and a key-based press (KeyDiff) --------------------------------------------------
+def _layer_budget(name: str, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise InputError(f"policy {name!r}: a per-layer budget list holds whole numbers of states, got {k!r}.")
+    return k
+
+
+class PerLayer(Policy):
+    """One policy per layer, each with its own budget: `states` is the list [k_0, k_1, ...], layer 0 first.
+
+        make_policy("tova", [96, 64, 32])      # a 3-layer model: layer 0 keeps 96 states, layer 2 keeps 32
+
+    The model asks `at_layer(i, layers)` for layer i's policy (members[i]) before the layer runs, so attention,
+    eviction and the state's buffers only ever see one integer budget; a list of another length than the model's
+    layers is refused there, with one error."""
+
+    name = "per-layer"
+
+    def __init__(self, members):
+        members = list(members)
+        if not members or not all(isinstance(m, Policy) and not isinstance(m, PerLayer) for m in members):
+            raise InputError("PerLayer takes a non-empty list of policies, one per layer (layer 0 first).")
+        if len({m.positions for m in members}) != 1:
+            raise InputError("PerLayer: every layer's policy needs the same position scheme.")
+        self.members, self.positions = members, members[0].positions
+        self.states = [m.states for m in members]  # the budgets, layer 0 first (a label: the model binds members)
+        self.name = members[0].name if len({m.name for m in members}) == 1 else "per-layer"
+        for flag, combine in (("needs_attention", any), ("keeps_score", any), ("drops", any), ("needs_keys", any),
+                              ("layer_local", all)):
+            setattr(self, flag, combine(getattr(m, flag) for m in members))
+        self.min_states = min(m.min_states for m in members)
+
+    def at_layer(self, layer, layers):
+        if layers != len(self.members):
+            raise InputError(f"policy {self.name!r}: {len(self.members)} per-layer budgets for a model of {layers} "
+                             f"layers; give exactly {layers} budgets, one per layer (layer 0 first), e.g. "
+                             f"--states \"[{','.join(['256'] * min(layers, 3))}{',...' if layers > 3 else ''}]\".")
+        return self.members[layer]
+
+    def budget(self):
+        raise InputError("a PerLayer policy has one budget per layer; bind a layer with at_layer(layer, layers).")
+
+    def min_budget(self) -> int:
+        return min(self.states)
+
+    def priority(self, attn, pos, score, keys=None):
+        raise InputError("a PerLayer policy decides per layer; bind a layer with at_layer(layer, layers).")
+
+    def __repr__(self) -> str:
+        return f"PerLayer({self.members!r})"
+
+
+def layer_budgets(policy: Policy | None, layers: int) -> list[int | None]:
+    """The budget of each of the `layers` layers under `policy` (None: unbounded)."""
+    if policy is None:
+        return [None] * layers
+    return [policy.at_layer(i, layers).states for i in range(layers)]
+
+
+def pyramid(states: int, layers: int, window: int, beta: float) -> list[int]:
+    """PyramidKV's budgets: an arithmetic sequence from the bottom layer down to the top one, beside a kept window
+    of w states, whose total is that of `states` in every layer (see PyramidKV). Returns [k_0, ..., k_{L-1}]."""
+    from fractions import Fraction
+
+    if layers == 1:  # a pyramid of one layer is the uniform budget
+        return [states]
+    r = Fraction(states - window)  # the part of the mean budget chosen by votes
+    top = max(r / Fraction(beta), Fraction(1))  # at least one voted state in every layer
+    bottom = 2 * r - top
+    step = (bottom - top) / (layers - 1)
+    exact = [window + bottom - i * step for i in range(layers)]  # sums to layers * states exactly
+    # whole numbers with the same total: each budget is a difference of rounded running sums (within 1 of exact)
+    ends = [math.floor(sum(exact[: i + 1]) + Fraction(1, 2)) for i in range(layers)]
+    return [e - s for e, s in zip(ends, [0, *ends[:-1]])]
+
+
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al. 2024, arXiv 2406.02069, "Pyramidal Information Funneling"): SnapKV's selection with a
+    budget per layer, large in the lower layers, where attention is spread wide, and small in the upper ones, where
+    it funnels onto a few tokens. With k the mean budget (`states`), L layers, w the kept observation window and
+    beta the pyramid's steepness (the official code's default 20):
+
+        r       = k - w                                      the mean budget chosen by votes
+        k_top   = w + max(r / beta, 1)                        layer L-1
+        k_bot   = w + 2 r - (k_top - w)                       layer 0
+        k_l     = k_bot - l (k_bot - k_top) / (L - 1)         an arithmetic sequence, so  sum_l k_l = L k
+
+    Budgets are made whole numbers with the same total (differences of rounded running sums: each within 1 of
+    k_l). The official code also flattens the pyramid for prompts shorter than the budget; a msrnn budget holds for
+    the whole stream, so the pyramid is fixed. Every layer then runs SnapKV with its own k_l (`at_layer`)."""
+
+    name = "pyramidkv"
+
+    def __init__(self, states: int, beta: float = 20, window: int | None = None, kernel: int = 5,
+                 positions: str = "absolute"):
+        super().__init__(states, window, kernel, positions)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1:
+            raise InputError(f"{self.name}: beta={beta!r} must be a number >= 1 (1: the same budget in every layer; "
+                             "the paper's code uses 20).")
+        self.beta = beta
+        self._layers: dict[int, list[SnapKV]] = {}  # layers -> the bound SnapKV of each layer
+
+    def budgets(self, layers: int) -> list[int]:
+        """[k_0, ..., k_{L-1}] for a model of `layers` layers (they sum to layers * states)."""
+        return pyramid(self.states, layers, self.window, self.beta)
+
+    def at_layer(self, layer, layers):
+        if layers not in self._layers:
+            self._layers[layers] = [SnapKV(k, self.window, self.kernel, self.positions) for k in self.budgets(layers)]
+        return self._layers[layers][layer]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(states={self.states}, beta={self.beta}, window={self.window}, "
+                f"kernel={self.kernel})")
+
+
+class KeyDiff(Policy):
+    """KeyDiff (Park et al. 2025, arXiv 2504.15364; kvpress's KeyDiffPress): keep the states whose keys differ most
+    from the others, per kv head, with no attention at all:
+
+        a          = (1 / n) sum_j k_j / ||k_j||           the anchor: the mean direction of the n keys held
+        priority_j = -cos(k_j, a) = -(k_j . a) / (||k_j|| ||a||)
+
+    so the state whose key points most like the average goes first. A key that points elsewhere is one a future
+    query can single out; keys alike are interchangeable, so attention spread over them loses little when one
+    goes. It reads keys, not attention (`needs_keys`), which keeps a model's fused attention kernel fast in
+    msrnn.hf. (KeyDiff's paper evicts block by block while reading a prompt; here, as every msrnn policy, one
+    state per step: the same score, applied at every step.)"""
+
+    name = "keydiff"
+    needs_attention = False
+    needs_keys = True
+    drops = False
+    min_states = 2  # k = 1 ranks 2 candidates, whose cosines to their mean are always equal: a tie rounding decides
+
+    def priority(self, attn, pos, score, keys=None):
+        keys = keys.float()  # (B, Hkv, n, hd) cosines in fp32 whatever the model's dtype
+        held = (pos != -1)[..., None]  # (B, Hkv, n, 1) an empty slot is not part of the average
+        unit = torch.nn.functional.normalize(keys, dim=-1) * held  # (B, Hkv, n, hd)
+        anchor = unit.sum(dim=2, keepdim=True) / held.sum(dim=2, keepdim=True).clamp(min=1)  # (B, Hkv, 1, hd)
+        return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1)  # (B, Hkv, n)
+
+
+POLICIES.update({p.name: p for p in (PyramidKV, KeyDiff)})
+
+
+def parse_states(text: str) -> int | list[int]:
+    """--states as typed: "256" (every layer) or "[96,64,32]" (one budget per layer, layer 0 first)."""
+    text = str(text).strip()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value and all(isinstance(k, int) and not isinstance(k, bool) for k in value):
+        return value
+    raise InputError(f"--states {text!r}: give a whole number of states per layer (e.g. 256) or one per layer in "
+                     "brackets, layer 0 first (e.g. \"[96,64,32]\").")

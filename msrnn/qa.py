@@ -35,7 +35,7 @@ from .batch import RowPolicies
 from .errors import InputError
 from .eval import _load_results, _parse_grid, _prefix_state, _record, RESULTS
 from .generate import decode_tokens, eos_ids
-from .policies import Policy, make_policy
+from .policies import Policy, layer_budgets, make_policy
 from .report import progress, pyplot, read_text, write_csv
 from .tasks import Trial, chat_parts, is_correct, needle_trial, recall_trial, wilson
 
@@ -54,11 +54,14 @@ def _groups(policies: Sequence[Policy | None]) -> list[list[int]]:
     return full + list(schemes.values())
 
 
-def _prefix(members: Sequence[Policy], context: int, prefill: str) -> int:
-    """Context tokens every member reads as the full model does (no eviction yet): one shared parallel prefill."""
+def _prefix(members: Sequence[Policy], context: int, prefill: str, layers: int | None = None) -> int:
+    """Context tokens every member reads as the full model does (no eviction yet): one shared parallel prefill.
+    With the model's `layers`, a member with budgets per layer (PyramidKV) counts its smallest."""
     if prefill == "fast":  # the one eviction happens at the last context token
         return context - 1
-    return min(min(m.states for m in members), context)
+    least = [min(layer_budgets(m, layers)) if layers else min(m.states) if isinstance(m.states, list) else m.states
+             for m in members]
+    return min(min(least), context)
 
 
 def steps(trials: Sequence[Trial], policies: Sequence[Policy | None], prefill: str) -> int:
@@ -91,7 +94,7 @@ def answer(model, trials: Sequence[Trial], policies: Sequence[Policy | None], pr
             model.prefill(context, state, None, progress=progress)
         else:
             policy = RowPolicies(members, B)  # rows member-major: member i owns rows i*B .. (i+1)*B - 1
-            n = _prefix(members, context.shape[1], prefill)
+            n = _prefix(members, context.shape[1], prefill, model.cfg.num_hidden_layers)
             state = _prefix_state(model, context[:, :n], policy)
             if n < context.shape[1]:
                 model.prefill(context[:, n:].repeat(P, 1), state, policy, mode=prefill, progress=progress)

@@ -191,7 +191,8 @@ class State:
     @classmethod
     def empty(cls, num_layers, batch_size, kv_heads, head_dim, capacity, dtype, rope_at_use=False, meta=None,
               device=None):
-        def layer() -> LayerState:
+        """capacity: slots per layer, one int for all or a list (budgets per layer, PyramidKV)."""
+        def layer(capacity) -> LayerState:
             return LayerState(
                 keys=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype, device=device),
                 values=torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype, device=device),
@@ -200,8 +201,9 @@ class State:
                 maybe_empty=False,  # slots are filled in order from 0 by append
             )
 
+        capacities = capacity if isinstance(capacity, (list, tuple)) else [capacity] * num_layers
         next_pos = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        return cls([layer() for _ in range(num_layers)], next_pos, rope_at_use, dict(meta or {}))
+        return cls([layer(c) for c in capacities], next_pos, rope_at_use, dict(meta or {}))
 
     @classmethod
     def stack(cls, states: list["State"]) -> "State":

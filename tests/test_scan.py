@@ -15,7 +15,7 @@ import msrnn.model
 import msrnn.state
 from msrnn.errors import MsrnnError
 from msrnn.batch import RowPolicies
-from msrnn.policies import POLICIES, POSITION_SCHEMES, Policy, make_policy
+from msrnn.policies import POLICIES, POSITION_SCHEMES, Policy, layer_budgets, make_policy
 from msrnn.state import EMPTY
 from tiny import hf_model, save
 
@@ -78,7 +78,7 @@ def test_layer_major_equals_token_major(case, seed):
         assert held(state) == held(reference)  # the same states in every layer, row and head at each chunk end
     assert (torch.cat(got, dim=1) - expected).abs().max() <= TOL
     assert held(state) == held(token_major)
-    assert max(state.sizes) <= max(m.states for m in members)
+    assert max(state.sizes) <= max(max(layer_budgets(m, len(state.layers))) for m in members)  # PyramidKV: per layer
 
 
 class LooksAcrossLayers(Policy):
