@@ -188,8 +188,10 @@ def policy_scan(hf, ids, policy):
             pos[i] = torch.cat([pos[i], torch.full((B, Hkv, 1), t)], dim=-1)
             score[i] = torch.cat([score[i], torch.zeros(B, Hkv, 1)], dim=-1)
             score[i] = p.update(score[i], attn[:, :, None]).expand_as(score[i]).clone()
-            keys = {"keys": layer.keys} if p.needs_keys else {}  # KeyDiff reads the (rotated) keys held
-            prio = p.priority(attn if p.needs_attention else None, pos[i], score[i], **keys).expand_as(score[i])
+            extra = {"keys": layer.keys} if p.needs_keys else {}  # KeyDiff reads the (rotated) keys held
+            if p.needs_values:  # tova-value weighs attention by the values held
+                extra["values"] = layer.values
+            prio = p.priority(attn if p.needs_attention else None, pos[i], score[i], **extra).expand_as(score[i])
             n = prio.shape[-1]
             if n > p.states:
                 if bool((prio == float("-inf")).all()):  # the baseline: everything goes
