@@ -35,6 +35,12 @@ GROUP = 32  # int4 group size along the input dimension, as in GGUF's Q4 blocks
 GEMM_ROWS = 64
 
 
+@functools.lru_cache(maxsize=1)
+def _gemm_pays() -> bool:
+    """Measured on AVX-512 CPUs (bf16 products in hardware); elsewhere the int kernels stay (bf16 may be emulated)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W = s[:, None] * q: int8 codes (out, in) and one bf16 scale per output row."""
 
@@ -59,7 +65,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (rows, in)
-        if x2.shape[0] >= GEMM_ROWS:  # a chunk: one bf16 matrix product over the unpacked weights
+        if x2.shape[0] >= GEMM_ROWS and _gemm_pays():  # a chunk: one bf16 matrix product over the unpacked weights
             y = F.linear(x2, self.dequantize().to(torch.bfloat16))
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
@@ -109,7 +115,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         x2 = x.reshape(-1, k).to(torch.bfloat16)  # (rows, in)
-        if x2.shape[0] >= GEMM_ROWS and _int4_block() is not None:  # a chunk: one bf16 product (see GEMM_ROWS)
+        if x2.shape[0] >= GEMM_ROWS and _gemm_pays() and _int4_block() is not None:  # a chunk: one bf16 product
             y = F.linear(x2, self.unpacked())  # (rows, out) bf16
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scale_zero)  # (rows, out + pad) bf16
