@@ -165,7 +165,6 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     return out.view(B, Hkv * G * hd)[:, None]  # (B, 1, H*hd)
 
 
-
 def ask(policy: Policy, attn, pos, score, layer_state, S: int):
     """policy.priority(attn, pos, score), and the layer's keys and/or values (B, Hkv, S, hd) for a policy that asks
     for them (needs_keys: KeyDiff; needs_values: tova-value). Slots do not move inside a scan: one view serves."""
