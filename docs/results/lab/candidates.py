@@ -9,20 +9,15 @@ Results and the reason none replaced `tova-decay`: docs/results/lab/README.md, s
 tests/test_lab.py."""
 import torch
 
-from msrnn.policies import TOVADecay, newest, per_kv_head, INF
+from msrnn.policies import TOVADecay, TOVADecayHead, newest, INF
 
 
-class DecayHeadMax(TOVADecay):
+class DecayHeadMax(TOVADecayHead):
     """A moving average per kv head, s_hj <- gamma s_hj + (1 - gamma) a_hj (a_hj: the attention of kv head h's
-    query heads to state j, averaged); the layer keeps a state while *any* kv head still wants it:
-    priority_j = max_h s_hj / (1 - gamma ** age_j)."""
+    query heads to state j, averaged: `tova-decay-head`'s update); the layer keeps a state while *any* kv head
+    still wants it: priority_j = max_h s_hj / (1 - gamma ** age_j)."""
 
     name = "decay-headmax"
-
-    def update(self, score, attn):
-        for a in attn.unbind(dim=2):  # the T new queries in order; (B, H, n) each
-            score = torch.lerp(per_kv_head(a, score.shape[1]).mean(dim=2), score, self.gamma)  # (B, Hkv, n)
-        return score
 
     def priority(self, attn, pos, score):
         return self.bias_corrected(pos, score).amax(dim=1, keepdim=True)  # (B, Hkv, n) -> (B, 1, n)
