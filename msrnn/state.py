@@ -28,6 +28,14 @@ INF = float("inf")
 OLDEST_SENTINEL = 2**62  # larger than any position: a slot that is not a candidate for eviction
 
 
+def oldest_lowest(prio: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hkv, 1) the slot of each row's lowest priority, the oldest of equals (the recurrence's tie rule); prio and
+    pos (B, Hkv, n), with the slots in `hidden` (EMPTY) given priority INF beforehand and never chosen."""
+    low = prio.amin(dim=-1, keepdim=True)  # (B, Hkv, 1)
+    others = prio != low if hidden is None else (prio != low) | hidden
+    return pos.masked_fill(others, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)
+
+
 @dataclass
 class LayerState:
     keys: torch.Tensor  # (B, Hkv, C, hd) keys after RoPE at their absolute positions (raw keys if rope_at_use)
@@ -96,8 +104,7 @@ class LayerState:
         prio = priority.float().expand(pos.shape).masked_fill(hidden, INF)  # empty slots are never the lowest
         over = hidden.sum(dim=-1, keepdim=True) < n - budget  # (B, Hkv, 1) live states > budget
         pos.masked_fill_((prio == -INF) & over, EMPTY)  # "drop now" (baseline): then the row is within budget
-        low = prio.amin(dim=-1, keepdim=True)  # (B, Hkv, 1)
-        oldest = pos.masked_fill((prio != low) | hidden, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        oldest = oldest_lowest(prio, pos, hidden)  # (B, Hkv, 1)
         spare = torch.full_like(oldest, n)  # slot n is free (append keeps it so): a row under budget writes there
         self.pos.scatter_(2, torch.where(over, oldest, spare), EMPTY)
 
@@ -114,8 +121,7 @@ class LayerState:
         n, hd = self.size, self.keys.shape[-1]
         pos = self.pos[:, :, :n]  # (B, Hkv, n)
         prio = priority.float().expand(pos.shape)
-        low = prio.amin(dim=-1, keepdim=True)  # (B, Hkv, 1)
-        slot = pos.masked_fill(prio != low, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)  # (B, Hkv, 1) oldest lowest
+        slot = oldest_lowest(prio, pos)  # (B, Hkv, 1)
         for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
             buf.scatter_(2, slot[..., None].expand(-1, -1, -1, hd), buf[:, :, n - 1 : n].clone())
         for buf in (self.pos, self.score):  # (B, Hkv, C)
