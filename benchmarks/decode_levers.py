@@ -2,7 +2,7 @@
 
     python benchmarks/decode_levers.py --dtype auto --threads 2 [--compile]
 
-- ring:    a full layer's decode step as one slot write (`model.ring_step`) vs the general path (append, drop_lowest,
+- ring:    a full layer's decode step as one slot write (`attention.ring_step`) vs the general path (append, drop_lowest,
            compact), TOVA-256 at stream position 2,000; next to the full cache at 2,000 and at 16.
 - gemm:    a 512-token prefill whose int layers multiply by the unpacked bf16 matrix (`quant.GEMM_ROWS`) vs the int
            matrix-vector kernels.

@@ -19,7 +19,7 @@ A cache only sees keys and values, but TOVA and H2O need the newest query's atte
 *between* the tokens of a prompt to be the recurrence. So (1) only hands the new keys, values and positions over,
 and (2), an attention implementation registered under the name "msrnn" through transformers' `AttentionInterface`
 (its extension point for attention kernels), runs the layer's attention and eviction with the very function msrnn's
-own model runs (`msrnn.model.attend`). A policy therefore behaves identically here and in msrnn: the tests check the
+own model runs (`msrnn.attention.attend`). A policy therefore behaves identically here and in msrnn: the tests check the
 logits against msrnn's recurrence to 1e-5. A mask function registered under the same name
 (`AttentionMaskInterface`) gives (2) the padding of the new tokens; visibility is otherwise decided from the
 positions the states carry (slots are in no order after evictions, so transformers' index-based mask cannot apply).
@@ -47,7 +47,8 @@ import threading
 import torch
 
 from .errors import CheckpointError, InputError
-from .model import PREFILL_MODES, attend
+from .attention import attend
+from .model import PREFILL_MODES
 from .policies import Policy, layer_budgets
 from .state import EMPTY, LayerState, State
 
@@ -243,7 +244,7 @@ def _check_previous_consumed() -> None:
 def policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      **kwargs):
     """The attention implementation "msrnn": the T new tokens enter the layer's state, attend to what it holds,
-    and the policy evicts (`msrnn.model.attend`). query (B, H, T, hd) rotated; key, value (B, Hkv, T, hd) are the
+    and the policy evicts (`msrnn.attention.attend`). query (B, H, T, hd) rotated; key, value (B, Hkv, T, hd) are the
     ones PolicyLayer.update was given; attention_mask (B, T) bool from `_new_tokens_mask` (False = padding) or None.
     Returns (B, T, H, hd) and no attention weights (transformers' contract)."""
     layer = getattr(_local, "layer", None)

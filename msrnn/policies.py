@@ -38,7 +38,7 @@ class Policy:
 
     name = "policy"
     needs_attention = True  # False: priority ignores `attn` (window, sinks...); it is then given None
-    layer_local = True  # decides from its own layer's tensors only, so a chunk can run layer-major (model.scan)
+    layer_local = True  # decides from its own layer's tensors only, so a chunk can run layer-major (attention.scan)
     min_states = 1  # the smallest budget that makes sense for this policy
     keeps_score = False  # set for every class that overrides `update`
     drops = True  # priority may be -inf ("drop now"); False lets the model skip that check (built-ins that never do)

@@ -68,7 +68,7 @@ def test_symbol_references_resolve(path):
 
 def test_the_derivation_points_at_the_code():
     refs = {f"{file}::{symbol}" for file, symbol in references(DOCS / "derivation.md")}
-    for needed in ("msrnn/model.py::Block.forward", "msrnn/model.py::attention_probs", "msrnn/model.py::scan",
+    for needed in ("msrnn/model.py::Block.forward", "msrnn/attention.py::attention_probs", "msrnn/attention.py::scan",
                    "msrnn/state.py::LayerState.drop_lowest", "msrnn/state.py::LayerState.compact",
                    "msrnn/policies.py::TOVA.priority", "msrnn/policies.py::Window.priority",
                    "msrnn/policies.py::H2O.update", "msrnn/policies.py::H2O.priority"):

@@ -237,11 +237,11 @@ def test_qwen2_budget_above_length_is_full_attention(qwen2):
 # --- how it runs, and misuse -------------------------------------------------------------------------------------
 def test_policies_without_attention_never_materialise_probabilities(llama, monkeypatch):
     hf, _ = llama
-    import msrnn.model
+    import msrnn.attention
 
     calls = []
-    real = msrnn.model.attention_probs
-    monkeypatch.setattr(msrnn.model, "attention_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = msrnn.attention.attention_probs
+    monkeypatch.setattr(msrnn.attention, "attention_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = tokens(1, 12)
     run_hf(hf, PolicyCache(make_policy("window", 16)), ids, 6)
     run_hf(hf, PolicyCache(None), ids, 6)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msrnn
-import msrnn.model
+import msrnn.attention
 import msrnn.state
 from msrnn.errors import MsrnnError
 from msrnn.batch import RowPolicies
@@ -183,8 +183,8 @@ def test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_do
         model = msrnn.load_model(save(hf_model(model_type, num_hidden_layers=2, **window), d))
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
     ring_calls = []
-    real = msrnn.model.ring_step
-    monkeypatch.setattr(msrnn.model, "ring_step", lambda *a: ring_calls.append(1) or real(*a))
+    real = msrnn.attention.ring_step
+    monkeypatch.setattr(msrnn.attention, "ring_step", lambda *a: ring_calls.append(1) or real(*a))
     fast, fast_state = stepped(model, tokens, policy)
     assert len(ring_calls) == 2 * (16 - 5)  # every step after the layer filled, in both layers
     monkeypatch.setattr(msrnn.state.LayerState, "holds_exactly", lambda self, policy: False)
