@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .policies import Policy, check_priority
+from .policies import Policy, check_priority, nan_error
 from .rope import cos_sin, effective_positions, rotate, rotates_at_use
 from .state import EMPTY, INF
 
@@ -95,10 +95,23 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     if policy.keeps_score:
         score.copy_(policy.update(score, attn[:, :, None]))
     prio = ask(policy, attn, kpos, score, layer_state, S)  # (B, 1 or Hkv, S)
-    layer_state.replace_lowest(check_priority(policy, prio, kpos, nan=True))
+    prio = check_priority(policy, prio, kpos)  # its shape and dtype; NaN is checked once per step, after the last
+    layer_state.unranked = prio.isnan().flatten(1).any(1)  # layer (B,): no host sync here (check_unranked)
+    layer_state.replace_lowest(prio)
     if layer_state.trace is not None:
         layer_state.trace(pos[:, 0], layer_state.pos[:, :, : S - 1])
     return out.view(B, Hkv * G * hd)[:, None]  # (B, 1, H*hd)
+
+
+def check_unranked(layer_states, policy_of) -> None:
+    """Raise for NaN priorities that `ring_step` recorded in any of these layers (one host sync for all of them);
+    policy_of(i) is layer i's policy, to name it."""
+    pending = [(i, layer.unranked) for i, layer in enumerate(layer_states) if layer.unranked is not None]
+    for layer in layer_states:
+        layer.unranked = None
+    if pending and bool(torch.stack([rows for _, rows in pending]).any()):
+        i, rows = next((i, rows) for i, rows in pending if bool(rows.any()))
+        raise nan_error(policy_of(i), int(rows.nonzero()[0]))
 
 
 def ask(policy: Policy, attn, pos, score, layer_state, S: int):

@@ -294,7 +294,7 @@ def run_bench(model, source: Path | None, **settings) -> dict:
 def report(res: dict) -> str:
     """The measurements as markdown tables."""
     lo, hi = res["floor_ms_range"]
-    out = [f"machine: {res['cpu']}, {res['threads']} threads, weights {res['dtype']}; every row timed in turn with its "
+    out = [f"machine: {res['cpu']}, {res['threads']} threads, weights {res['dtype']}{', compiled step (--compile)' if res.get('compiled') else ''}; every row timed in turn with its "
            f"comparison and the floor ({res['rounds']} rounds, medians)",
            f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token (range over the run {lo:.1f}-{hi:.1f})"]
     if "floor_ms_by_format" in res:
@@ -387,10 +387,13 @@ def run(args) -> int:
     make_policy(args.policy, args.states)  # an unknown name or a bad file:Class, before minutes of loading
     source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=args.dtype)
+    if getattr(args, "compile", False):
+        model.compile()  # every decode timing then runs the compiled step (its compile falls in the warm-up runs)
     res = run_bench(model, source, policy_name=args.policy, states=args.states, **lists, steps=args.steps,
                     prefill_tokens=args.prefill_tokens, budget_context=args.budget_context,
                     compare=args.compare == "transformers",
                     stream_tokens=args.stream_tokens, stream_states=args.stream_states)
+    res["compiled"] = bool(getattr(args, "compile", False))
     text = report(res)
     print(text)
     out = Path(args.out)

@@ -42,6 +42,12 @@ def model_options(p, dtype: str = "fp32") -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs")
 
 
+def compile_option(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each layer's one-token step (Transformer.compile): fewer, fused operations per "
+                        "token; the first tokens take tens of seconds to compile; on the CPU it needs a C++ compiler")
+
+
 def states_arg(text: str):
     """--states K or "[k0,k1,...]" (msrnn.policies.parse_states), its message shown by argparse if it is wrong."""
     try:
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_options(p, None, None, " (default: none, the unbounded transformer)")
     sampling_options(p, max_new_tokens=128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    compile_option(p)
     p.add_argument("--verbose", "-v", action="store_true", help="report tokens/s and the state size on stderr")
     p.set_defaults(run="generate:run_generate")
 
@@ -123,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_options(p, None, None, f" (default: {CHAT_DEFAULT_POLICY} with {CHAT_DEFAULT_STATES} states)")
     sampling_options(p, max_new_tokens=256)
     p.add_argument("--system", help="a system message that opens the conversation")
+    compile_option(p)
     p.add_argument("--verbose", "-v", action="store_true", help="print the state size after each answer (stderr)")
     p.set_defaults(run="chat:run_chat")
 
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resident memory along a bounded stream this long (0: skip)")
     p.add_argument("--stream-states", type=int, default=512, help="the stream's budget")
     p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
+    compile_option(p)
     p.set_defaults(run="bench:run", loads_itself=True)
     return parser
 
@@ -357,7 +366,8 @@ def load_model_and_tokenizer(args):
         return load_transformers(args.model, args.dtype, args.device)
     model, tokenizer = load(args.model, dtype=device_dtype(args.dtype, args.device))
     check_device(model, args.device)
-    return model.to(args.device), tokenizer
+    model = model.to(args.device)
+    return (model.compile() if getattr(args, "compile", False) else model), tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ import threading
 import torch
 
 from .errors import CheckpointError, InputError
-from .attention import attend
+from .attention import attend, check_unranked
 from .model import PREFILL_MODES
 from .policies import Policy, layer_budgets
 from .state import EMPTY, LayerState, State
@@ -275,6 +275,7 @@ def policy_attention(module, query, key, value, attention_mask, scaling=None, dr
         q = q * (scaling * math.sqrt(hd))  # msrnn scales by 1/sqrt(hd); fold a model's own scaling into q
     out = attend(q, k, v, layer.state, pos, policy, each_token, "absolute", None, sliding_window,
                  valid=attention_mask, fused=True)  # (B, T, H*hd)
+    check_unranked([layer.state], lambda i: policy)
     return out.view(B, T, H, hd), None
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .attention import attend
+from .attention import attend, check_unranked
 from .errors import InputError
 from .policies import Policy, layer_budgets
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
@@ -57,13 +57,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate_proj | up_proj, fused
         self.down = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+        self.compiled = None  # this layer's forward compiled for one-token calls (Transformer.compile), or None
 
     def forward(self, x, layer_state, pos, rope, policy: Policy | None, each_token: bool = True):
         """x (B, T, d) -> (B, T, d): T new tokens through this layer; layer_state grows by T, the policy bounds it.
 
         rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T); inv_freq is (hd/2,), or
         (T, hd/2) when each token has its own (dynamic scaling, token by token). each_token: the policy evicts after
-        every token (the recurrence, run here layer-major: see `scan`); False: once, after the whole chunk (fast
+        every token (the recurrence, run here layer-major: see `attention.scan`); False: once, after the whole chunk (fast
         prefill)."""
         cfg = self.cfg
         B, T, _ = x.shape
@@ -130,6 +131,34 @@ class Transformer(nn.Module):
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
                            self.dtype, rope_at_use=rope_at_use, meta=meta, device=self.embed.weight.device)
 
+    def compile(self, backend: str = "inductor", **options) -> "Transformer":
+        """Compile each layer's one-token step with torch.compile (`msrnn bench/generate --compile`).
+
+        A decode step is ~75 small operations per layer, each a few microseconds of dispatch and, with several
+        threads, a fork-join: the compiled layer fuses them into a few kernels around the weight products. The
+        policy's Python is traced with the rest (one graph per layer call, no host sync inside it: see
+        `attention.ring_step`); the layers share their graphs (they differ only in weights). Chunks (T > 1) stay
+        eager: their matrix products dominate. The first steps compile (tens of seconds with inductor, which needs
+        a C++ compiler); results equal the eager model's up to float rounding. Returns the model."""
+        import functools
+        import os
+        import shutil
+
+        import torch._dynamo
+
+        cpu = self.embed.weight.device.type == "cpu"
+        if backend == "inductor" and cpu and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "g++", "clang++"))):
+            raise InputError("compiling for the CPU with torch's inductor needs a C++ compiler, and none was found "
+                             "(g++, clang++ or $CXX); install one (e.g. apt install g++) or run without --compile.")
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # policies x shapes
+        try:
+            step = torch.compile(Block.forward, backend=backend, **options)
+        except Exception as e:  # an unknown backend or option: torch's own message, under ours
+            raise InputError(f"torch.compile refused backend={backend!r} {options or ''}: {e}") from e
+        for block in self.layers:
+            block.compiled = functools.partial(step, block)
+        return self
+
     # --- the one loop -------------------------------------------------------------------------------------------
     def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None, each_token: bool = True):
         """Feed T new tokens per row through every layer, updating `state`; returns final hidden (B, T, d).
@@ -157,8 +186,10 @@ class Transformer(nn.Module):
         layers = len(self.layers)
         for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
             layer_policy = policy.at_layer(i, layers) if policy is not None else None  # its own budget (PyramidKV)
-            x = block(x, layer_state, pos, (inv_freq, cos, sin), layer_policy, each_token)
+            run = block.compiled if T == 1 and block.compiled is not None else block  # see compile()
+            x = run(x, layer_state, pos, (inv_freq, cos, sin), layer_policy, each_token)
         state.next_pos = state.next_pos + T
+        check_unranked(state.layers, lambda i: policy.at_layer(i, layers))  # NaN priorities: one sync a step
         return self.norm(x)
 
     def _rebase(self, state: State, scheme, T: int) -> int:

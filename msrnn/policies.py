@@ -92,13 +92,17 @@ def check_priority(policy: Policy, prio, pos: torch.Tensor, nan: bool = False):
                          f"float tensor of shape (B, 1, n) or (B, Hkv, n), here ({B}, 1 or {Hkv}, {n}) "
                          "(docs/policies.md).")
     if nan and bool(prio.isnan().any()):
-        row = int(prio.isnan().flatten(1).any(1).nonzero()[0])
-        for member, first, end in getattr(policy, "blocks", ()):  # rows of several policies: name the culprit
-            if first <= row < end:
-                policy = member
-        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.priority) returned NaN priorities; "
-                         "a NaN cannot be ranked (look for 0/0 or log(0) in the policy).")
+        raise nan_error(policy, int(prio.isnan().flatten(1).any(1).nonzero()[0]))
     return prio
+
+
+def nan_error(policy: Policy, row: int) -> InputError:
+    """The error for NaN priorities in batch row `row` (a NaN cannot be ranked), naming the policy of that row."""
+    for member, first, end in getattr(policy, "blocks", ()):  # rows of several policies: name the culprit
+        if first <= row < end:
+            policy = member
+    return InputError(f"policy {policy.name!r} ({type(policy).__name__}.priority) returned NaN priorities; "
+                      "a NaN cannot be ranked (look for 0/0 or log(0) in the policy).")
 
 
 def per_kv_head(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:

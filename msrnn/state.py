@@ -47,6 +47,9 @@ class LayerState:
     # trace(step, pos): called by the model after each step that may have evicted, with the newest position of each
     # row (B,) and the positions then held (B, Hkv, n), EMPTY = not held (msrnn.inspect records retention with it)
     trace: Callable | None = field(default=None, repr=False, compare=False)
+    # unranked: rows (B,) whose policy returned NaN priorities in the last ring_step, checked by the model once per
+    # step (a host sync per layer would split a compiled step); None when nothing is pending
+    unranked: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.size

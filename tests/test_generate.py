@@ -221,6 +221,26 @@ def test_cli_generate_takes_every_documented_policy_form(tiny_dir, tiny, tmp_pat
         assert capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_generate_compile_runs_the_compiled_step_and_names_a_missing_compiler(tiny_dir, tiny, capsys, monkeypatch):
+    """--compile gives the same text (aot_eager here: inductor's C++ build would take a minute); without a C++
+    compiler, inductor is refused up front with the fix, not deep inside torch at the first token."""
+    import shutil
+
+    import msrnn.model
+
+    real = msrnn.model.Transformer.compile
+    monkeypatch.setattr(msrnn.model.Transformer, "compile", lambda self: real(self, backend="aot_eager"))
+    args = ["generate", "the cat sat", "--model", str(tiny_dir), "--max-new-tokens", "5", "--policy", "tova",
+            "--states", "4"]
+    assert main([*args, "--compile"]) == 0
+    model, tok = tiny
+    assert capsys.readouterr().out == generate_text(model, "the cat sat", tok, policy="tova", states=4,
+                                                    max_new_tokens=5) + "\n"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(InputError, match="needs a C\\+\\+ compiler.*run without --compile"):
+        real(model)
+
+
 def test_cli_chat_repl(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello world\n\nthe cat\n/quit\nnot read\n"))
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4", "--verbose"]) == 0

@@ -194,3 +194,29 @@ def test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_do
         assert a.size == b.size == 5
         assert torch.equal(a.pos[:, :, :5], b.pos[:, :, :5]) and torch.equal(a.keys[:, :, :5], b.keys[:, :, :5])
         assert torch.equal(a.values[:, :, :5], b.values[:, :, :5]) and torch.equal(a.score[:, :, :5], b.score[:, :, :5])
+
+
+def test_a_compiled_step_equals_the_eager_one():
+    """model.compile() (each layer's one-token call through torch.compile; the aot_eager backend here, which needs
+    no C++ compiler) gives the eager model's logits and states. From the 6th token on a bounded layer is full and
+    steps by ring_step, whose graph holds no host sync: one graph per layer call, no break (the unbounded step has
+    none either)."""
+    import torch._dynamo
+
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=2), d))
+    tokens = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    policies = [None, make_policy("tova", 5), make_policy("h2o", 5)]
+    starts = [stepped(model, tokens[:, :6], policy)[1] for policy in policies]
+    eager = [stepped(model, tokens[:, 6:], policy, start.fork()) for policy, start in zip(policies, starts)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile(backend="aot_eager")
+    for policy, start, (logits, state) in zip(policies, starts, eager):
+        compiled, compiled_state = stepped(model, tokens[:, 6:], policy, start.fork())
+        torch.testing.assert_close(compiled, logits, rtol=0, atol=1e-5)  # the same ops, maybe in another order
+        assert held(compiled_state) == held(state)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # the compiled layer ran, for each policy
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    prefill, _ = model.prefill(tokens[:, :7], None, policies[1])  # a chunk (T > 1) stays eager
+    torch.testing.assert_close(prefill, stepped(model, tokens[:, :7], policies[1])[0][:, -1], rtol=0, atol=TOL)
