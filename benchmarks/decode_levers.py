@@ -6,8 +6,9 @@
            compact), TOVA-256 at stream position 2,000; next to the full cache at 2,000 and at 16.
 - gemm:    a 512-token prefill whose int layers multiply by the unpacked bf16 matrix (`quant.GEMM_ROWS`) vs the int
            matrix-vector kernels.
-- compile: `torch.compile` of the decoder layer (`Block.forward`, inductor) vs eager, TOVA-256 and full at 16
-           (--compile: the first compile takes tens of seconds).
+- compile: the compiled one-token step (`Transformer.compile`, inductor, what `--compile` does) vs eager: the full
+           cache at 16 / 512 / 2,000, TOVA-256 and tova-value-256 at 2,000 (--compile: the first compile takes tens of
+           seconds).
 Prints a markdown table: median ms over in-turn rounds (wall), and the process's CPU ms per call, which a busy
 machine disturbs less than the wall clock."""
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 import torch
 
 import msrnn
-import msrnn.model
 import msrnn.quant
 import msrnn.state
 from msrnn.bench import msrnn_decoder
@@ -54,13 +54,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, _ = msrnn.load(dtype=args.dtype)
     tova, steps = make_policy("tova", 256), args.steps
-    holds, rows, forward = msrnn.state.LayerState.holds_exactly, msrnn.quant.GEMM_ROWS, msrnn.model.Block.forward
+    holds, rows = msrnn.state.LayerState.holds_exactly, msrnn.quant.GEMM_ROWS
+    compiled = [block.compiled for block in model.compile().layers] if args.compile else None
 
-    def lever(ring=True, gemm=True, block=forward):
+    def lever(ring=True, gemm=True, compile=False):
         def switch():
             msrnn.state.LayerState.holds_exactly = holds if ring else (lambda self, policy: False)
             msrnn.quant.GEMM_ROWS = rows if gemm else 1 << 30
-            msrnn.model.Block.forward = block
+            for i, block in enumerate(model.layers):
+                block.compiled = compiled[i] if compile else None
         return switch
 
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
@@ -73,9 +75,12 @@ def main() -> None:
         "prefill 512, int kernels": (lambda: model.prefill(prompt), lever(gemm=False)),
     }
     if args.compile:
-        compiled = torch.compile(forward)
-        runs["full cache at 16, compiled layer"] = (msrnn_decoder(model, None, 16, steps), lever(block=compiled))
-        runs["TOVA-256 at 2,000, compiled layer"] = (msrnn_decoder(model, tova, 2000, steps), lever(block=compiled))
+        value = make_policy("tova-value", 256)
+        for name, policy, at in [("full cache at 16", None, 16), ("full cache at 512", None, 512),
+                                 ("full cache at 2,000", None, 2000), ("TOVA-256 at 2,000", tova, 2000),
+                                 ("tova-value-256 at 2,000", value, 2000)]:
+            runs[f"{name}, eager"] = (msrnn_decoder(model, policy, at, steps), lever())
+            runs[f"{name}, compiled step"] = (msrnn_decoder(model, policy, at, steps), lever(compile=True))
     t = timed(runs, args.rounds)
     lever()()
     print(f"| {args.dtype}, {torch.get_num_threads()} threads | wall ms | CPU ms |\n|---|---:|---:|")
