@@ -164,13 +164,27 @@ def test_beam_search_reorders_the_rows(llama):
 
 
 # --- Qwen2 (msrnn does not load it): against transformers' DynamicCache evicted by the policy, token by token ----
+ORACLE = "msrnn-test-eager"  # the model's own eager attention, without transformers' mask (see policy_scan)
+
+
+def eager_unmasked(module, query, key, value, attention_mask, **kwargs):
+    """The model's own `eager_attention_forward` (from its modeling file), every held state visible. The oracle
+    feeds one unpadded token per call, for which that is the mask; transformers' own mask has one length for every
+    layer (layer 0's), which is wrong when the layers hold different numbers of states (PyramidKV)."""
+    import sys
+
+    return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, None, **kwargs)
+
+
 def policy_scan(hf, ids, policy):
     """transformers, eager attention, one token per call with its own DynamicCache; after every step each layer
     drops, per row and kv head, its lowest-priority state (the oldest of equals) when over budget, and every -inf
     state then. An independent re-implementation of msrnn's eviction rule for the oracle."""
-    from transformers import DynamicCache
+    from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 
-    hf.set_attn_implementation("eager")
+    AttentionInterface.register(ORACLE, eager_unmasked)
+    AttentionMaskInterface.register(ORACLE, lambda *args, **kwargs: None)
+    hf.set_attn_implementation(ORACLE)
     (B, T), Hkv = ids.shape, hf.config.num_key_value_heads
     cache, out = DynamicCache(config=hf.config), []
     pos = score = None
@@ -216,12 +230,27 @@ def qwen2():
 def test_qwen2_every_policy_equals_token_by_token_oracle(qwen2):
     ids = tokens(2, 13, seed=7)
     for name in POLICIES:
-        # PyramidKV's pyramid gives the layers caches of different lengths, for which transformers' DynamicCache
-        # builds no mask (the oracle's); beta=1 is its uniform case through the same per-layer binding (the
-        # pyramid itself is checked against msrnn on Llama: tests/test_per_layer.py)
-        policy = make_policy(name, K) if name != "pyramidkv" else make_policy("pyramidkv(beta=1)", K)
+        policy = make_policy(name, K)
         ours = run_hf(qwen2, PolicyCache(policy), ids, prompt_split(policy, 9))
         assert (ours - policy_scan(qwen2, ids, policy)).abs().max() <= TOL, name
+
+
+@pytest.mark.parametrize("budgets", [[9, 5], [5, 9]])  # the bigger layer first, and last
+def test_qwen2_budgets_per_layer_equal_the_oracle(qwen2, budgets):
+    """Layers of different lengths: the bridge decides visibility from each layer's own positions, never from
+    transformers' mask (one length for all layers), so ragged layers are exact too, prompt and steps."""
+    ids = tokens(2, 14, seed=11)
+    for name in ("tova", "h2o", "sinks", "keydiff", "tova-value"):
+        policy = make_policy(name, budgets)
+        cache = PolicyCache(policy)
+        ours = run_hf(qwen2, cache, ids, 10)
+        assert cache.sizes == budgets, name
+        assert (ours - policy_scan(qwen2, ids, policy)).abs().max() <= TOL, name
+    pyramid = make_policy("pyramidkv(window=2)", K)  # SnapKV in every layer, budgets 9 and 3 (mean 6)
+    cache = PolicyCache(pyramid)
+    ours = run_hf(qwen2, cache, ids, 1)
+    assert cache.sizes == layer_budgets(pyramid, 2) == [9, 3]
+    assert (ours - policy_scan(qwen2, ids, pyramid)).abs().max() <= TOL
 
 
 def test_qwen2_budget_above_length_is_full_attention(qwen2):
