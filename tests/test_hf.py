@@ -263,6 +263,65 @@ def test_qwen2_budget_above_length_is_full_attention(qwen2):
         assert (run_hf(qwen2, PolicyCache(make_policy(name, 15)), ids, 8) - full).abs().max() <= TOL, name
 
 
+# --- on a GPU: the same answers, every state on the device -------------------------------------------------------
+CUDA_TOL = 1e-4  # fp32 on both, but the GPU's kernels sum in another order (no TF32: torch's default for matmul)
+ON_DEVICE = [("tova", K, "exact"), ("tova-decay", K, "exact"), ("window", K, "exact"), ("keydiff", K, "exact"),
+             ("tova-value", K, "exact"), ("snapkv", K, "fast"), ("h2o", [9, 5], "exact"), ("pyramidkv", K, "fast")]
+
+
+def same_answers_on(device, hf, cases=ON_DEVICE, lengths=(7, 10), extra=4, new=5):
+    """A ragged left-padded batch through PolicyCache on `device` (a copy of `hf` moved there) gives the logits
+    and greedy generate() tokens of the CPU model, and every tensor of every layer's state lives on `device`."""
+    import copy
+
+    on = copy.deepcopy(hf).to(device)
+    width = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), tokens(1, n + extra, seed=20 + n)[0]])
+                       for n in lengths])
+    mask = (torch.arange(width + extra)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long()
+    for name, k, prefill in cases:
+        policy = make_policy(name, k)
+        split = prompt_split(policy, width) if prefill == "exact" else width
+        cpu = run_hf(hf, PolicyCache(policy, prefill), ids, split, mask)
+        cache = PolicyCache(policy, prefill)
+        there = run_hf(on, cache, ids.to(device), split, mask.to(device))
+        assert there.device.type == torch.device(device).type
+        assert (there.cpu() - cpu).abs().max() <= CUDA_TOL, name
+        assert cache.sizes == layer_budgets(policy, len(cache.layers)), name
+        for layer in cache.layers:
+            s = layer.state
+            assert {t.device.type for t in (s.keys, s.values, s.pos, s.score)} == {torch.device(device).type}, name
+        kwargs = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            want = hf.generate(ids[:, :width], attention_mask=mask[:, :width], cache=PolicyCache(policy, prefill),
+                               **kwargs)
+            got = on.generate(ids[:, :width].to(device), attention_mask=mask[:, :width].to(device),
+                              cache=PolicyCache(policy, prefill), **kwargs)
+        assert torch.equal(got.cpu(), want), name
+
+
+def test_rows_selected_and_repeated_keep_their_states(llama):
+    """generate()'s row bookkeeping (batch_select_indices, batch_repeat_interleave), with an index tensor."""
+    hf, _ = llama
+    cache = PolicyCache(make_policy("tova", K))
+    run_hf(hf, cache, tokens(2, 9, seed=3), 9)
+    before = [held(layer.positions) for layer in cache.layers]
+    cache.batch_repeat_interleave(2)
+    assert [held(layer.positions) for layer in cache.layers] == [[r[0], r[0], r[1], r[1]] for r in before]
+    cache.batch_select_indices(torch.tensor([2]))
+    assert [held(layer.positions) for layer in cache.layers] == [[r[1]] for r in before]
+
+
+def test_same_answers_helper_runs_on_cpu(llama):
+    """The GPU check's own code, run where the suite runs (a copy on the CPU), so it is known to work."""
+    same_answers_on("cpu", llama[0], ON_DEVICE[-2:], lengths=(5, 8), extra=2, new=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_policy_cache_and_generate_equal_cpu(llama):
+    same_answers_on("cuda", llama[0])
+
+
 # --- how it runs, and misuse -------------------------------------------------------------------------------------
 def test_policies_without_attention_never_materialise_probabilities(llama, monkeypatch):
     hf, _ = llama
