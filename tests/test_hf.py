@@ -251,6 +251,11 @@ def test_qwen2_budgets_per_layer_equal_the_oracle(qwen2, budgets):
     ours = run_hf(qwen2, cache, ids, 1)
     assert cache.sizes == layer_budgets(pyramid, 2) == [9, 3]
     assert (ours - policy_scan(qwen2, ids, pyramid)).abs().max() <= TOL
+    policy, prompt = make_policy("tova", budgets), ids[:, :10]  # generate(): every new token the oracle's argmax
+    with torch.no_grad():
+        out = qwen2.generate(prompt, attention_mask=torch.ones_like(prompt), cache=PolicyCache(policy),
+                             max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(policy_scan(qwen2, out, policy)[:, 9:-1].argmax(-1), out[:, 10:])
 
 
 def test_qwen2_budget_above_length_is_full_attention(qwen2):
