@@ -3,8 +3,10 @@
 What is measured (batch 1 unless said, the model's dtype, `--threads` torch threads):
 - floor: the chained matrix-vector products over the model's weight shapes, nothing else. No decoder can read its
   weights faster than this on this machine; it tells how much of a token's time is overhead.
-- decode ms/token at several stream positions, for the unbounded state and for a bounded policy (TOVA by default).
-  Positions are reached with a chunked prefill; the state is then stepped one token at a time and timed.
+- decode ms/token at several stream positions, for the unbounded state and for a bounded policy (TOVA by default)
+  at each of its budgets (`--states 128,256`, or one per layer: `--states "[96,64,32]"`), every budget timed in
+  turn with the others at each position. Positions are reached with a chunked prefill; the state is then stepped
+  one token at a time and timed.
 - transformers' decode ms/token with its default cache at the same positions (if transformers is installed).
 - prefill seconds for a prompt of `--prefill-tokens`.
 - throughput under a fixed KV-memory budget (the paper's Table 1): the full cache of `--budget-context` tokens at batch
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from . import quant
 from .errors import CheckpointError, InputError
+from .eval import budget_label, check_layers, parse_budgets
 from .report import current_rss_mib, peak_rss_mib, pyplot
 from .policies import make_policy
 
@@ -179,18 +182,22 @@ class Bench:
     The floor is timed beside every contender (it drifts with them); transformers' full cache is held at the
     longest unbounded position, which is what the bounded state is compared against."""
 
-    def __init__(self, model, source: Path | None, policy_name="tova", states=256, positions=(16, 512, 2000),
+    def __init__(self, model, source: Path | None, policy_name="tova", states=(256,), positions=(16, 512, 2000),
                  bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
                  budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
                  rounds=5, progress=True):
         self.model, self.source, self.policy_name, self.progress = model, source, policy_name, progress
-        self.policy = make_policy(policy_name, states)
+        # states: one budget (an int) or several, each an int or a list with one budget per layer
+        budgets = [states] if isinstance(states, int) else [tuple(k) if isinstance(k, list) else k for k in states]
+        self.policies = {budget_label(k): make_policy(policy_name, list(k) if isinstance(k, tuple) else k)
+                         for k in budgets}  # "256" or "[96,64,32]" -> the policy with that budget
         self.positions, self.bounded_positions, self.steps, self.rounds = positions, bounded_positions, steps, rounds
         self.prefill_tokens, self.budget_context, self.budget_states = prefill_tokens, budget_context, budget_states
         self.stream_tokens, self.stream_states = stream_tokens, stream_states
         self.hf, self.floor, self.floors = None, floor_chain(model), []
         self.res = {"dtype": quant.weight_format(model), "threads": torch.get_num_threads(),
-                    "policy": policy_name, "states": states, "steps": steps, "rounds": rounds,
+                    "policy": policy_name, "states": [list(k) if isinstance(k, tuple) else k for k in budgets],
+                    "steps": steps, "rounds": rounds,
                     "cpu": torch.backends.cpu.get_cpu_capability()}
         self.phases = ([self.load_transformers] if compare else []) + [
             self.decode_full, self.decode_bounded, self.prefill, self.throughput]
@@ -211,8 +218,8 @@ class Bench:
         res["floor_ms_range"] = [min(self.floors), max(self.floors)]
         if res.get("hf_full_ms"):
             res["ratio_full"] = {p: res["msrnn_full_ms"][p] / res["hf_full_ms"][p] for p in self.positions}
-            res["ratio_bounded_vs_hf_full"] = {q: res["msrnn_bounded_ms"][q] / res["hf_full_at_ms"][q]
-                                               for q in self.bounded_positions}
+            res["ratio_bounded_vs_hf_full"] = {k: {q: ms[q] / res["hf_full_at_ms"][q] for q in self.bounded_positions}
+                                               for k, ms in res["msrnn_bounded_ms"].items()}
             res["hf_full_at"] = max(self.positions)
         return res
 
@@ -240,16 +247,19 @@ class Bench:
                 hf[p] = ms["hf"]
 
     def decode_bounded(self) -> None:
-        bounded, hf = self.res.setdefault("msrnn_bounded_ms", {}), self.res.setdefault("hf_full_at_ms", {})
+        """Every budget at each bounded position, timed in turn with the others (msrnn_bounded_ms[budget][q])."""
+        bounded = self.res.setdefault("msrnn_bounded_ms", {k: {} for k in self.policies})
+        hf = self.res.setdefault("hf_full_at_ms", {})
         hf_ref = self.hf.decoder(max(self.positions), self.steps) if self.hf is not None else None
         for q in self.bounded_positions:
-            runs = {"msrnn": msrnn_decoder(self.model, self.policy, q, self.steps)}
+            runs = {k: msrnn_decoder(self.model, policy, q, self.steps) for k, policy in self.policies.items()}
             if hf_ref is not None:
-                runs["hf"] = hf_ref
+                runs["transformers"] = hf_ref  # not a budget label: those are numbers or [...]
             ms = self._ms(runs)
-            bounded[q] = ms["msrnn"]
+            for k in self.policies:
+                bounded[k][q] = ms[k]
             if hf_ref is not None:
-                hf[q] = ms["hf"]  # transformers at the longest unbounded position, timed beside q
+                hf[q] = ms["transformers"]  # transformers at the longest unbounded position, timed beside q
 
     def prefill(self) -> None:
         toks = torch.randint(0, self.model.cfg.vocab_size, (1, self.prefill_tokens))
@@ -308,10 +318,11 @@ def report(res: dict) -> str:
         out.append(f"| msrnn full | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
     for p, ms in res.get("hf_full_ms", {}).items():
         out.append(f"| transformers full | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | 1.00 |")
-    for p, ms in res["msrnn_bounded_ms"].items():
-        hf = res.get("hf_full_at_ms", {}).get(p)
-        ratio = f"{ms / hf:.2f} (vs its full cache at {res['hf_full_at']}: {hf:.1f} ms)" if hf else "–"
-        out.append(f"| msrnn {res['policy']} {res['states']} | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
+    for k, by_position in res["msrnn_bounded_ms"].items():  # one row per budget and position
+        for p, ms in by_position.items():
+            hf = res.get("hf_full_at_ms", {}).get(p)
+            ratio = f"{ms / hf:.2f} (vs its full cache at {res['hf_full_at']}: {hf:.1f} ms)" if hf else "–"
+            out.append(f"| msrnn {res['policy']} {k} | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
     out += ["", f"prefill of a prompt: msrnn {res['msrnn_prefill_s']:.2f} s"
             + (f", transformers {res['hf_prefill_s']:.2f} s" if "hf_prefill_s" in res else ""), "",
             "| throughput under the KV budget of a full cache | states | batch | ms/step | tokens/s | × full |",
@@ -342,10 +353,11 @@ def plot(res: dict, path: Path) -> None:
     a.plot(*xy(res["msrnn_full_ms"]), "o-", label="msrnn full")
     if res.get("hf_full_ms"):
         a.plot(*xy(res["hf_full_ms"]), "s-", label="transformers full")
-    a.plot(*xy(res["msrnn_bounded_ms"]), "^-", label=f"msrnn {res['policy']} {res['states']}")
+    for i, (k, ms) in enumerate(res["msrnn_bounded_ms"].items()):  # one line per budget
+        a.plot(*xy(ms), "^-", color=f"C{2 + i}", label=f"msrnn {res['policy']} {k}")
     a.axhline(res["floor_ms"], color="gray", ls="--", label="floor (weight matvecs)")
     a.set(xscale="log", xlabel="stream position (tokens)", ylabel="ms / token", title=f"decode, batch 1, {res['dtype']}")
-    positions = sorted({int(p) for p in [*res["msrnn_full_ms"], *res["msrnn_bounded_ms"]]})
+    positions = sorted({int(p) for ms in [res["msrnn_full_ms"], *res["msrnn_bounded_ms"].values()] for p in ms})
     a.set_xticks(positions, [f"{p:,}" for p in positions], rotation=30)  # the positions measured, as plain numbers
     a.minorticks_off()
     a.set_ylim(bottom=0)
@@ -376,7 +388,8 @@ def run(args) -> int:
         raise InputError(f"--device {args.device}: msrnn bench times the CPU only (its floors and the transformers "
                          "comparison run there); drop --device.")
     lists = {key: _ints(getattr(args, key)) for key in ("positions", "bounded_positions", "budget_states")}
-    counts = {"--states": args.states, "--steps": args.steps, "--prefill-tokens": args.prefill_tokens,
+    budgets = parse_budgets(args.states)  # "256", "128,256" or "64,[96,64,32]": as eval ppl's --states
+    counts = {"--steps": args.steps, "--prefill-tokens": args.prefill_tokens,
               "--budget-context": args.budget_context, "--stream-states": args.stream_states,
               **{f"--{k.replace('_', '-')}": min(v, default=0) for k, v in lists.items()}}
     for option, value in counts.items():  # every number checked before a policy file runs or the model loads
@@ -384,12 +397,14 @@ def run(args) -> int:
             raise InputError(f"{option}: give positive numbers (--stream-tokens may be 0 to skip the stream).")
     if args.stream_tokens < 0:
         raise InputError("--stream-tokens: give a positive number, or 0 to skip the stream.")
-    make_policy(args.policy, args.states)  # an unknown name or a bad file:Class, before minutes of loading
+    for k in budgets:  # an unknown name, a bad file:Class or a budget the policy refuses, before minutes of loading
+        make_policy(args.policy, list(k) if isinstance(k, tuple) else k)
     source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=args.dtype)
+    check_layers([args.policy], budgets, model.cfg.num_hidden_layers)  # a per-layer list of the model's depth
     if getattr(args, "compile", False):
         model.compile()  # every decode timing then runs the compiled step (its compile falls in the warm-up runs)
-    res = run_bench(model, source, policy_name=args.policy, states=args.states, **lists, steps=args.steps,
+    res = run_bench(model, source, policy_name=args.policy, states=budgets, **lists, steps=args.steps,
                     prefill_tokens=args.prefill_tokens, budget_context=args.budget_context,
                     compare=args.compare == "transformers",
                     stream_tokens=args.stream_tokens, stream_states=args.stream_states)

@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default="transformers", choices=["transformers", "none"],
                    help="also time transformers in the same process")
     p.add_argument("--policy", default="tova", help=f"bounded policy to time: {POLICY_FORMS}")
-    p.add_argument("--states", type=int, default=256, help="its budget")
+    p.add_argument("--states", default="256",
+                   help="its budgets, comma-separated (a row and a line each); one per layer in brackets, e.g. "
+                        "128,256 or 64,[96,64,32]")
     p.add_argument("--positions", default="16,512,2000", help="stream positions for the unbounded decode timings")
     p.add_argument("--bounded-positions", default="2000,8000,20000", help="stream positions for the bounded timings")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timing (median of the rounds)")

@@ -440,7 +440,19 @@ def _parse_grid(policies: str, states: str, positions: str | None = None,
                          f"({', '.join(n for n in names if n != 'full')}), written as there.")
     if not names:
         raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
-    items = [s for s in re.split(r",(?![^\[]*\])", states) if s.strip()]  # commas outside [...]
+    budgets = parse_budgets(states)
+    for name in names:  # a policy file runs here, once everything else has been checked
+        policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
+    for name in names:  # every policy accepts every budget (clear error now, not after an hour)
+        for k in budgets:
+            make_policy(name, k, positions)
+    return list(dict.fromkeys(names)), budgets
+
+
+def parse_budgets(states: str) -> list:
+    """--states of a grid as typed: "64,128" or "64,[96,64,32]" (one budget per layer in brackets, layer 0 first)
+    -> the distinct budgets, smallest mean first: ints, or tuples of per-layer budgets (`_budget_key`)."""
+    items = [s for s in re.split(r",(?![^\[]*\])", str(states)) if s.strip()]  # commas outside [...]
     try:
         budgets = [_budget_key(parse_states(s)) for s in items]  # 256, or (96, 64, 32): one per layer
     except InputError:
@@ -448,13 +460,7 @@ def _parse_grid(policies: str, states: str, positions: str | None = None,
                          "layer in brackets, layer 0 first, e.g. 64,[96,64,32].") from None
     if not budgets or min(min(k) if isinstance(k, tuple) else k for k in budgets) < 1:
         raise InputError(f"--states {states!r}: give positive budgets, e.g. 64,128,256,512.")
-    budgets = sorted(set(budgets), key=lambda k: (_mean(k), str(k)))
-    for name in names:  # a policy file runs here, once everything else has been checked
-        policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
-    for name in names:  # every policy accepts every budget (clear error now, not after an hour)
-        for k in budgets:
-            make_policy(name, k, positions)
-    return list(dict.fromkeys(names)), budgets
+    return sorted(set(budgets), key=lambda k: (_mean(k), str(k)))
 
 
 def _budget_key(k):

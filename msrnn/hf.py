@@ -155,8 +155,9 @@ class PolicyLayer(CacheLayerMixin):
         self._rows(beam_idx)
 
     def batch_select_indices(self, indices) -> None:
-        if self.state is not None:
-            self._rows(torch.arange(self.state.keys.shape[0])[indices])
+        if self.state is not None:  # indices may be a tensor on the model's device: index a range made there
+            rows = torch.arange(self.state.keys.shape[0], device=self.state.keys.device)
+            self._rows(rows[indices.to(rows.device) if isinstance(indices, torch.Tensor) else indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:

@@ -164,13 +164,27 @@ def test_beam_search_reorders_the_rows(llama):
 
 
 # --- Qwen2 (msrnn does not load it): against transformers' DynamicCache evicted by the policy, token by token ----
+ORACLE = "msrnn-test-eager"  # the model's own eager attention, without transformers' mask (see policy_scan)
+
+
+def eager_unmasked(module, query, key, value, attention_mask, **kwargs):
+    """The model's own `eager_attention_forward` (from its modeling file), every held state visible. The oracle
+    feeds one unpadded token per call, for which that is the mask; transformers' own mask has one length for every
+    layer (layer 0's), which is wrong when the layers hold different numbers of states (PyramidKV)."""
+    import sys
+
+    return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, None, **kwargs)
+
+
 def policy_scan(hf, ids, policy):
     """transformers, eager attention, one token per call with its own DynamicCache; after every step each layer
     drops, per row and kv head, its lowest-priority state (the oldest of equals) when over budget, and every -inf
     state then. An independent re-implementation of msrnn's eviction rule for the oracle."""
-    from transformers import DynamicCache
+    from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 
-    hf.set_attn_implementation("eager")
+    AttentionInterface.register(ORACLE, eager_unmasked)
+    AttentionMaskInterface.register(ORACLE, lambda *args, **kwargs: None)
+    hf.set_attn_implementation(ORACLE)
     (B, T), Hkv = ids.shape, hf.config.num_key_value_heads
     cache, out = DynamicCache(config=hf.config), []
     pos = score = None
@@ -216,12 +230,32 @@ def qwen2():
 def test_qwen2_every_policy_equals_token_by_token_oracle(qwen2):
     ids = tokens(2, 13, seed=7)
     for name in POLICIES:
-        # PyramidKV's pyramid gives the layers caches of different lengths, for which transformers' DynamicCache
-        # builds no mask (the oracle's); beta=1 is its uniform case through the same per-layer binding (the
-        # pyramid itself is checked against msrnn on Llama: tests/test_per_layer.py)
-        policy = make_policy(name, K) if name != "pyramidkv" else make_policy("pyramidkv(beta=1)", K)
+        policy = make_policy(name, K)
         ours = run_hf(qwen2, PolicyCache(policy), ids, prompt_split(policy, 9))
         assert (ours - policy_scan(qwen2, ids, policy)).abs().max() <= TOL, name
+
+
+@pytest.mark.parametrize("budgets", [[9, 5], [5, 9]])  # the bigger layer first, and last
+def test_qwen2_budgets_per_layer_equal_the_oracle(qwen2, budgets):
+    """Layers of different lengths: the bridge decides visibility from each layer's own positions, never from
+    transformers' mask (one length for all layers), so ragged layers are exact too, prompt and steps."""
+    ids = tokens(2, 14, seed=11)
+    for name in ("tova", "h2o", "sinks", "keydiff", "tova-value"):
+        policy = make_policy(name, budgets)
+        cache = PolicyCache(policy)
+        ours = run_hf(qwen2, cache, ids, 10)
+        assert cache.sizes == budgets, name
+        assert (ours - policy_scan(qwen2, ids, policy)).abs().max() <= TOL, name
+    pyramid = make_policy("pyramidkv(window=2)", K)  # SnapKV in every layer, budgets 9 and 3 (mean 6)
+    cache = PolicyCache(pyramid)
+    ours = run_hf(qwen2, cache, ids, 1)
+    assert cache.sizes == layer_budgets(pyramid, 2) == [9, 3]
+    assert (ours - policy_scan(qwen2, ids, pyramid)).abs().max() <= TOL
+    policy, prompt = make_policy("tova", budgets), ids[:, :10]  # generate(): every new token the oracle's argmax
+    with torch.no_grad():
+        out = qwen2.generate(prompt, attention_mask=torch.ones_like(prompt), cache=PolicyCache(policy),
+                             max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(policy_scan(qwen2, out, policy)[:, 9:-1].argmax(-1), out[:, 10:])
 
 
 def test_qwen2_budget_above_length_is_full_attention(qwen2):
@@ -232,6 +266,65 @@ def test_qwen2_budget_above_length_is_full_attention(qwen2):
     qwen2.set_attn_implementation(hf_bridge.ATTENTION)
     for name in ("tova", "h2o", "sinks"):
         assert (run_hf(qwen2, PolicyCache(make_policy(name, 15)), ids, 8) - full).abs().max() <= TOL, name
+
+
+# --- on a GPU: the same answers, every state on the device -------------------------------------------------------
+CUDA_TOL = 1e-4  # fp32 on both, but the GPU's kernels sum in another order (no TF32: torch's default for matmul)
+ON_DEVICE = [("tova", K, "exact"), ("tova-decay", K, "exact"), ("window", K, "exact"), ("keydiff", K, "exact"),
+             ("tova-value", K, "exact"), ("snapkv", K, "fast"), ("h2o", [9, 5], "exact"), ("pyramidkv", K, "fast")]
+
+
+def same_answers_on(device, hf, cases=ON_DEVICE, lengths=(7, 10), extra=4, new=5):
+    """A ragged left-padded batch through PolicyCache on `device` (a copy of `hf` moved there) gives the logits
+    and greedy generate() tokens of the CPU model, and every tensor of every layer's state lives on `device`."""
+    import copy
+
+    on = copy.deepcopy(hf).to(device)
+    width = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), tokens(1, n + extra, seed=20 + n)[0]])
+                       for n in lengths])
+    mask = (torch.arange(width + extra)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long()
+    for name, k, prefill in cases:
+        policy = make_policy(name, k)
+        split = prompt_split(policy, width) if prefill == "exact" else width
+        cpu = run_hf(hf, PolicyCache(policy, prefill), ids, split, mask)
+        cache = PolicyCache(policy, prefill)
+        there = run_hf(on, cache, ids.to(device), split, mask.to(device))
+        assert there.device.type == torch.device(device).type
+        assert (there.cpu() - cpu).abs().max() <= CUDA_TOL, name
+        assert cache.sizes == layer_budgets(policy, len(cache.layers)), name
+        for layer in cache.layers:
+            s = layer.state
+            assert {t.device.type for t in (s.keys, s.values, s.pos, s.score)} == {torch.device(device).type}, name
+        kwargs = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            want = hf.generate(ids[:, :width], attention_mask=mask[:, :width], cache=PolicyCache(policy, prefill),
+                               **kwargs)
+            got = on.generate(ids[:, :width].to(device), attention_mask=mask[:, :width].to(device),
+                              cache=PolicyCache(policy, prefill), **kwargs)
+        assert torch.equal(got.cpu(), want), name
+
+
+def test_rows_selected_and_repeated_keep_their_states(llama):
+    """generate()'s row bookkeeping (batch_select_indices, batch_repeat_interleave), with an index tensor."""
+    hf, _ = llama
+    cache = PolicyCache(make_policy("tova", K))
+    run_hf(hf, cache, tokens(2, 9, seed=3), 9)
+    before = [held(layer.positions) for layer in cache.layers]
+    cache.batch_repeat_interleave(2)
+    assert [held(layer.positions) for layer in cache.layers] == [[r[0], r[0], r[1], r[1]] for r in before]
+    cache.batch_select_indices(torch.tensor([2]))
+    assert [held(layer.positions) for layer in cache.layers] == [[r[1]] for r in before]
+
+
+def test_same_answers_helper_runs_on_cpu(llama):
+    """The GPU check's own code, run where the suite runs (a copy on the CPU), so it is known to work."""
+    same_answers_on("cpu", llama[0], ON_DEVICE[-2:], lengths=(5, 8), extra=2, new=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_policy_cache_and_generate_equal_cpu(llama):
+    same_answers_on("cuda", llama[0])
 
 
 # --- how it runs, and misuse -------------------------------------------------------------------------------------
