@@ -304,8 +304,9 @@ def run_bench(model, source: Path | None, **settings) -> dict:
 def report(res: dict) -> str:
     """The measurements as markdown tables."""
     lo, hi = res["floor_ms_range"]
-    out = [f"machine: {res['cpu']}, {res['threads']} threads, weights {res['dtype']}{', compiled step (--compile)' if res.get('compiled') else ''}; every row timed in turn with its "
-           f"comparison and the floor ({res['rounds']} rounds, medians)",
+    compiled = ", compiled step (--compile)" if res.get("compiled") else ""
+    out = [f"machine: {res['cpu']}, {res['threads']} threads, weights {res['dtype']}{compiled}; every row timed in turn "
+           f"with its comparison and the floor ({res['rounds']} rounds, medians)",
            f"floor (weight matvecs only): {res['floor_ms']:.1f} ms/token (range over the run {lo:.1f}-{hi:.1f})"]
     if "floor_ms_by_format" in res:
         out.append("floors of the same shapes per weight format (timed in turn): " + ", ".join(
