@@ -123,9 +123,7 @@ class Transformer(nn.Module):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         states = getattr(policy, "states", None)
-        # k + the incoming token + a spare slot; a budget beyond the trained context starts there and grows as needed
-        capacity = [min(k, cfg.max_position_embeddings) + 2 if k is not None else 64
-                    for k in layer_budgets(policy, cfg.num_hidden_layers)]  # per layer: PyramidKV's differ
+        capacity = self._capacities(policy)
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
         rope_at_use = rotates_at_use(getattr(policy, "positions", "absolute"))
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
@@ -158,6 +156,12 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.compiled = functools.partial(step, block)
         return self
+
+    def _capacities(self, policy: Policy | None) -> list[int]:
+        """Slots per layer: k + the incoming token + a spare slot (per layer: PyramidKV's budgets differ); a budget
+        beyond the trained context starts there and grows as needed."""
+        return [min(k, self.cfg.max_position_embeddings) + 2 if k is not None else 64
+                for k in layer_budgets(policy, self.cfg.num_hidden_layers)]
 
     # --- the one loop -------------------------------------------------------------------------------------------
     def _advance(self, tokens: torch.Tensor, state: State, policy: Policy | None, each_token: bool = True):
@@ -287,6 +291,9 @@ class Transformer(nn.Module):
             hidden.append(self._advance(piece, state, policy, each_token=mode == "exact"))
             if progress is not None:
                 progress(piece.shape[1])
+        if bounded:  # the chunks grew each layer by up to `chunk` slots: decoding needs only k + 2
+            for layer, capacity in zip(state.layers, self._capacities(policy)):
+                layer.shrink(capacity)
         if all_logits:
             return self._logits(torch.cat(hidden, dim=1)), state
         return self._logits(hidden[-1][:, -1]), state

@@ -660,7 +660,9 @@ class KeyDiff(Policy):
     min_states = 2  # k = 1 ranks 2 candidates, whose cosines to their mean are always equal: a tie rounding decides
 
     def priority(self, attn, pos, score, keys=None):
-        keys = keys.float()  # (B, Hkv, n, hd) cosines in fp32 whatever the model's dtype
+        # (B, Hkv, n, hd) in fp64: the average runs over the held slots in slot order, which differs between the
+        # layer-major scan and the token-by-token recurrence; fp32 rounding could then flip a near-tie between them
+        keys = keys.double()
         held = (pos != -1)[..., None]  # (B, Hkv, n, 1) an empty slot is not part of the average
         unit = torch.nn.functional.normalize(keys, dim=-1) * held  # (B, Hkv, n, hd)
         anchor = unit.sum(dim=2, keepdim=True) / held.sum(dim=2, keepdim=True).clamp(min=1)  # (B, Hkv, 1, hd)

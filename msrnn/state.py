@@ -83,6 +83,13 @@ class LayerState:
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.pos, self.score = pad(self.pos, EMPTY), pad(self.score, 0.0)
 
+    def shrink(self, capacity: int) -> None:
+        """Give back the slots a chunk grew the layer by, down to `capacity` if the states held fit (with the spare
+        slot): the decode steps that follow then read and write buffers of k + 2 slots, not k + a chunk."""
+        if self.capacity > capacity >= self.size + 1:
+            self.keys, self.values, self.pos, self.score = (
+                t[:, :, :capacity].clone() for t in (self.keys, self.values, self.pos, self.score))
+
     def sort_by_position(self) -> None:
         """Reorder slots [0, size) by position (empty slots first). The layer-major scan starts from this order, so
         that the first of equal priorities is the oldest state (exact ties drop the oldest, as drop_lowest does)."""

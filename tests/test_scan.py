@@ -220,3 +220,19 @@ def test_a_compiled_step_equals_the_eager_one():
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     prefill, _ = model.prefill(tokens[:, :7], None, policies[1])  # a chunk (T > 1) stays eager
     torch.testing.assert_close(prefill, stepped(model, tokens[:, :7], policies[1])[0][:, -1], rtol=0, atol=TOL)
+
+
+def test_a_prefill_gives_back_the_slots_its_chunks_grew_the_state_by():
+    """A chunk of T tokens grows a bounded layer to k + T slots; after the prefill it holds k + 2 again (the next
+    token and a spare), so decoding reads small buffers, and the recurrence goes on unchanged."""
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=2), d))
+    tokens = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(5))
+    for policy in (make_policy("tova", 5), make_policy("pyramidkv", 6)):
+        _, state = model.prefill(tokens[:, :24], None, policy, chunk=16)
+        budgets = layer_budgets(policy, 2)
+        assert [layer.capacity for layer in state.layers] == [k + 2 for k in budgets]
+        logits = [model.step(tokens[:, t], state, policy)[0] for t in range(24, 30)]
+        reference, ref_state = stepped(model, tokens, policy)
+        torch.testing.assert_close(torch.stack(logits, 1), reference[:, 24:], rtol=0, atol=TOL)
+        assert held(state) == held(ref_state)
