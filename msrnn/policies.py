@@ -666,7 +666,7 @@ class KeyDiff(Policy):
         held = (pos != -1)[..., None]  # (B, Hkv, n, 1) an empty slot is not part of the average
         unit = torch.nn.functional.normalize(keys, dim=-1) * held  # (B, Hkv, n, hd)
         anchor = unit.sum(dim=2, keepdim=True) / held.sum(dim=2, keepdim=True).clamp(min=1)  # (B, Hkv, 1, hd)
-        return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1)  # (B, Hkv, n)
+        return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1).float()  # (B, Hkv, n)
 
 
 POLICIES.update({p.name: p for p in (PyramidKV, KeyDiff)})
