@@ -49,6 +49,8 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     needs_probs = bounded and (policy.needs_attention or policy.keeps_score)
     if fused and not needs_probs and not rotates_at_use(scheme) and first:  # the output without the probabilities
         probs, out = None, fused_attention(q[:, :, :, :first], layer_state, pos[:, :first], window)
+    elif not bounded and valid is None and first == T:  # only the output is needed: blocks of queries, bounded memory
+        probs, out = None, output_in_blocks(q, v, layer_state, pos, scheme, inv_freq, window)
     else:
         probs, out = attend_parallel(q[:, :, :, :first], layer_state, pos[:, :first], scheme, inv_freq, S - T,
                                      window), None
@@ -118,6 +120,28 @@ def update_score(policy: Policy, score, attn, valid=None):
     for t in range(attn.shape[2]):
         score = torch.where(valid[:, t, None, None], policy.update(score, attn[:, :, t : t + 1]), score)
     return score
+
+
+# Most attention probabilities (B x H x queries x states) the unbounded parallel pass holds at once: 2^28 fp32 =
+# 1 GiB. A 4,096-token prompt of 5 rows (or 8,192 of one) would otherwise hold 3 GiB (2.4) per layer, several times
+# over in the softmax's temporaries. Below it (every prompt up to 2,048 tokens x 5 rows) the pass is one block.
+PARALLEL_PROBS = 2**28
+
+
+def output_in_blocks(q, v, layer_state, pos, scheme, inv_freq, window) -> torch.Tensor:
+    """The output (B, Hkv, G, T, hd) of T queries over the layer's S states when none is evicted, computed for
+    blocks of queries whose probabilities fit in PARALLEL_PROBS: each query's softmax row is whole in one block,
+    so this is the same function as one call, with the memory of a block."""
+    B, Hkv, G, T, hd = q.shape
+    S = layer_state.size
+    rows = max(1, PARALLEL_PROBS // (B * Hkv * G * S))  # queries per block
+    blocks = []
+    for a in range(0, T, rows):
+        probs = attend_parallel(q[:, :, :, a : a + rows], layer_state, pos[:, a : a + rows], scheme, inv_freq,
+                                S - T + a, window)  # (B, Hkv, G, t, S), t <= rows
+        out = probs.to(v.dtype).view(B, Hkv, -1, S) @ layer_state.values[:, :, :S]  # (B, Hkv, G*t, hd)
+        blocks.append(out.view(B, Hkv, G, -1, hd))
+    return torch.cat(blocks, dim=3)  # (B, Hkv, G, T, hd)
 
 
 def attend_parallel(q, layer_state, qpos, scheme, inv_freq, new_at, window):
