@@ -118,10 +118,13 @@ def check_unranked(layer_states, policy_of) -> None:
 
 def ask(policy: Policy, attn, pos, score, layer_state, S: int):
     """policy.priority(attn, pos, score), and the layer's keys and/or values (B, Hkv, S, hd) for a policy that asks
-    for them (needs_keys: KeyDiff; needs_values: tova-value). Slots do not move inside a scan: one view serves."""
+    for them (needs_keys: KeyDiff; needs_values), or the values' norms (B, Hkv, S) that the state keeps
+    (needs_value_norms: tova-value). Slots do not move inside a scan: one view serves."""
     extra = {"keys": layer_state.keys[:, :, :S]} if policy.needs_keys else {}
     if policy.needs_values:
         extra["values"] = layer_state.values[:, :, :S]
+    if policy.needs_value_norms:
+        extra["value_norms"] = layer_state.value_norms()[:, :, :S]
     return policy.priority(attn, pos, score, **extra)
 
 

@@ -38,6 +38,7 @@ class RowPolicies(Policy):
         self.keeps_score = any(m.keeps_score for m in members)
         self.layer_local = all(m.layer_local for m in members)
         self.needs_values = any(m.needs_values for m in members)
+        self.needs_value_norms = any(m.needs_value_norms for m in members)
         self.needs_keys = any(m.needs_keys for m in members)
         self.drops = any(m.drops for m in members)
         self._layers = {}  # (layer, layers) -> the RowPolicies of the members' policies for that layer
@@ -74,10 +75,12 @@ class RowPolicies(Policy):
                 out[a:b] = m.update(score[a:b], attn[a:b])
         return out
 
-    def priority(self, attn, pos, score, keys=None, values=None):
+    def priority(self, attn, pos, score, keys=None, values=None, value_norms=None):
         return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b],
                                                        **({"keys": keys[a:b]} if m.needs_keys else {}),
-                                                       **({"values": values[a:b]} if m.needs_values else {})),
+                                                       **({"values": values[a:b]} if m.needs_values else {}),
+                                                       **({"value_norms": value_norms[a:b]}
+                                                          if m.needs_value_norms else {})),
                                          pos[a:b]).expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 
     def __repr__(self) -> str:

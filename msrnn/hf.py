@@ -149,6 +149,7 @@ class PolicyLayer(CacheLayerMixin):
             index = index.to(s.pos.device)
             s.keys, s.values = s.keys.index_select(0, index), s.values.index_select(0, index)
             s.pos, s.score = s.pos.index_select(0, index), s.score.index_select(0, index)
+            s.norms = None if s.norms is None else s.norms.index_select(0, index)
             s.maybe_empty = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -16,8 +16,10 @@ A policy that keeps a running score (H2O) overrides `update(score, attn)`, calle
 probabilities of all T new queries, attn (B, H, T, n); T is 1 in the recurrence and larger only in a parallel prefill.
 
 A policy that sets `needs_values = True` is also given the states' values, `priority(attn, pos, score, values=...)`
-with values (B, Hkv, n, hd) (a view of the state: read, never write); every other policy is called with the three
-arguments above, so a policy written for them keeps working.
+with values (B, Hkv, n, hd) (a view of the state: read, never write); one that sets `needs_value_norms = True` is
+given value_norms=(B, Hkv, n), the L1 norm of each state's value per kv head, which the state computes once when a
+state enters instead of at every step (tova-value). Every other policy is called with the three arguments above, so
+a policy written for them keeps working.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Policy:
     keeps_score = False  # set for every class that overrides `update`
     drops = True  # priority may be -inf ("drop now"); False lets the model skip that check (built-ins that never do)
     needs_values = False  # True: priority is also given values=(B, Hkv, n, hd), the states' values
+    needs_value_norms = False  # True: priority is also given value_norms=(B, Hkv, n), |v_j|_1 per kv head
     needs_keys = False  # True: priority also takes keys=(B, Hkv, n, hd), the keys the layer holds (KeyDiff)
 
     def __init_subclass__(cls, **kwargs):
@@ -112,7 +115,7 @@ def per_kv_head(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def newest(pos: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, 1) the position of the newest state of each row (it is always present when the policy runs)."""
-    return pos.max(dim=-1, keepdim=True).values
+    return pos.amax(dim=-1, keepdim=True)
 
 
 class Window(Policy):
@@ -255,7 +258,7 @@ class TOVADecay(TOVA):
         """score (B, h, n) / (1 - gamma ** age): the running average, unbiased for states only a few queries saw."""
         pos = pos[:, :1]  # (B, 1, n) a layer-wise policy: every kv head holds the same tokens
         age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)  # (B, 1, n) queries that saw the state, - 1
-        return score / self.correction.to(score.device)[age]
+        return score / self.correction.to(score.device).take(age)  # take: a plain lookup, cheaper than [age]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(states={self.states}, gamma={self.gamma})"
@@ -362,9 +365,9 @@ class SnapKV(Policy):
 
 
 # --- the lab's third round (docs/results/lab/README.md, round 3): more than the attention a state gets ----------------
-def value_size(values: torch.Tensor) -> torch.Tensor:
-    """values (B, Hkv, n, hd) -> (B, 1, n): |v_j|_1, the L1 norm of each state's value averaged over kv heads."""
-    return values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)
+def value_size(value_norms: torch.Tensor) -> torch.Tensor:
+    """value_norms (B, Hkv, n) -> (B, 1, n): |v_j|_1, the L1 norm of each state's value averaged over kv heads."""
+    return value_norms.mean(dim=1, keepdim=True)
 
 
 class TOVAValue(TOVADecay):
@@ -379,7 +382,7 @@ class TOVAValue(TOVADecay):
     value (which is why it works as a sink), so the product alone would drop it, and the whole softmax would shift."""
 
     name = "tova-value"
-    needs_values = True
+    needs_value_norms = True  # |v_j|_1 per kv head, kept by the state (a value never changes while it is held)
 
     def __init__(self, states: int, gamma: float = 0.9, sinks: int = 1, positions: str = "absolute"):
         super().__init__(states, gamma, positions)
@@ -388,9 +391,9 @@ class TOVAValue(TOVADecay):
             raise InputError(f"{self.name}: sinks={sinks} must be in [0, states={states}).")
         self.sinks = sinks
 
-    def priority(self, attn, pos, score, values=None):
-        prio = super().priority(attn, pos, score) * value_size(values)  # (B, 1, n)
-        return prio.masked_fill(pos[:, :1] < self.sinks, INF)
+    def priority(self, attn, pos, score, value_norms=None):
+        prio = super().priority(attn, pos, score).mul_(value_size(value_norms))  # (B, 1, n) a new tensor: in place
+        return prio.masked_fill_(pos[:, :1] < self.sinks, INF)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(states={self.states}, gamma={self.gamma}, sinks={self.sinks})"
@@ -432,12 +435,12 @@ class TOVAFit(TOVAValue):
     name = "tova-fit"
     W_NOW, W_VALUE, W_AGE = 0.157, 1.284, 0.199  # fitted constants (see the docstring)
 
-    def priority(self, attn, pos, score, values=None):
+    def priority(self, attn, pos, score, value_norms=None):
         eps = 1e-6
         pos1 = pos[:, :1]  # (B, 1, n) layer-wise
         age = (newest(pos1) - pos1).float()  # (B, 1, n)
         prio = (self.W_NOW * (attn.mean(dim=1, keepdim=True) + eps).log() + (self.bias_corrected(pos, score[:, :1])
-                + eps).log() + self.W_VALUE * (value_size(values) + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
+                + eps).log() + self.W_VALUE * (value_size(value_norms) + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
         return prio.masked_fill(pos1 < self.sinks, INF)
 
 
@@ -552,7 +555,7 @@ class PerLayer(Policy):
         self.states = [m.states for m in members]  # the budgets, layer 0 first (a label: the model binds members)
         self.name = members[0].name if len({m.name for m in members}) == 1 else "per-layer"
         for flag, combine in (("needs_attention", any), ("keeps_score", any), ("drops", any), ("needs_keys", any),
-                              ("layer_local", all)):
+                              ("needs_values", any), ("needs_value_norms", any), ("layer_local", all)):
             setattr(self, flag, combine(getattr(m, flag) for m in members))
         self.min_states = min(m.min_states for m in members)
 

@@ -28,6 +28,11 @@ INF = float("inf")
 OLDEST_SENTINEL = 2**62  # larger than any position: a slot that is not a candidate for eviction
 
 
+def l1_norms(values: torch.Tensor) -> torch.Tensor:
+    """values (B, Hkv, n, hd) -> (B, Hkv, n) fp32: the L1 norm of each state's value, per kv head."""
+    return values.float().abs().sum(dim=-1)
+
+
 def oldest_lowest(prio: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, 1) the slot of each row's lowest priority, the oldest of equals (the recurrence's tie rule); prio and
     pos (B, Hkv, n), with the slots in `hidden` (EMPTY) given priority INF beforehand and never chosen."""
@@ -50,6 +55,9 @@ class LayerState:
     # unranked: rows (B,) whose policy returned NaN priorities in the last ring_step, checked by the model once per
     # step (a host sync per layer would split a compiled step); None when nothing is pending
     unranked: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # norms (B, Hkv, C) fp32: l1_norms(values) of every slot, kept only once a policy has asked (value_norms());
+    # a value never changes while its state is held, so its norm is computed when it enters and moves with its slot
+    norms: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.size
@@ -57,6 +65,14 @@ class LayerState:
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
+
+    def value_norms(self) -> torch.Tensor:
+        """(B, Hkv, size) the L1 norm of each held value per kv head, for a policy that weighs states by their values
+        (needs_value_norms: tova-value). Computed for every slot on the first call; from then on append computes it
+        for the entering states only and every move of a slot moves it too, so a step never re-reads all values."""
+        if self.norms is None:
+            self.norms = l1_norms(self.values)  # (B, Hkv, C)
+        return self.norms[:, :, : self.size]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Add T new states: k, v (B, Hkv, T, hd), pos (B, T). The state grows n -> n + T (one spare slot is kept
@@ -69,6 +85,8 @@ class LayerState:
         self.values[:, :, new] = v
         self.pos[:, :, new] = pos[:, None, :]  # every kv head sees the same new tokens
         self.score[:, :, new] = 0.0
+        if self.norms is not None:
+            self.norms[:, :, new] = l1_norms(self.values[:, :, new])  # (B, Hkv, T) of the values as stored
         self.size += T
 
     def _grow(self, capacity: int) -> None:
@@ -82,6 +100,8 @@ class LayerState:
 
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.pos, self.score = pad(self.pos, EMPTY), pad(self.score, 0.0)
+        if self.norms is not None:
+            self.norms = pad(self.norms, 0.0)  # the norm of the zero values padded in
 
     def shrink(self, capacity: int) -> None:
         """Give back the slots a chunk grew the layer by, down to `capacity` if the states held fit (with the spare
@@ -89,6 +109,8 @@ class LayerState:
         if self.capacity > capacity >= self.size + 1:
             self.keys, self.values, self.pos, self.score = (
                 t[:, :, :capacity].clone() for t in (self.keys, self.values, self.pos, self.score))
+            if self.norms is not None:
+                self.norms = self.norms[:, :, :capacity].clone()
 
     def sort_by_position(self) -> None:
         """Reorder slots [0, size) by position (empty slots first). The layer-major scan starts from this order, so
@@ -97,7 +119,7 @@ class LayerState:
         order = self.pos[:, :, :n].argsort(dim=-1, stable=True)  # (B, Hkv, n)
         for buf in (self.keys, self.values):
             buf[:, :, :n] = buf[:, :, :n].gather(2, order[..., None].expand(-1, -1, -1, buf.shape[-1]))
-        for buf in (self.pos, self.score):
+        for buf in self._per_slot():
             buf[:, :, :n] = buf[:, :, :n].gather(2, order)
 
     # --- eviction: a state leaves by getting position EMPTY; compact() then reuses its slot ----------------------
@@ -134,7 +156,7 @@ class LayerState:
         slot = oldest_lowest(prio, pos)  # (B, Hkv, 1)
         for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
             buf.scatter_(2, slot[..., None].expand(-1, -1, -1, hd), buf[:, :, n - 1 : n].clone())
-        for buf in (self.pos, self.score):  # (B, Hkv, C)
+        for buf in self._per_slot():  # (B, Hkv, C)
             buf.scatter_(2, slot, buf[:, :, n - 1 : n].clone())
         self.pos[:, :, n - 1] = EMPTY
         self.size = n - 1
@@ -185,14 +207,18 @@ class LayerState:
         for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
             src = buf[:, :, size:n].clone()
             buf.scatter_(2, target[..., None].expand_as(src), src)
-        for buf in (self.pos, self.score):  # (B, Hkv, C)
+        for buf in self._per_slot():  # (B, Hkv, C)
             buf.scatter_(2, target, buf[:, :, size:n].clone())
         self.pos[:, :, size:] = EMPTY
         self.size = size
 
+    def _per_slot(self) -> tuple[torch.Tensor, ...]:
+        """The (B, Hkv, C) buffers that move with their slot: positions, scores, and the value norms if kept."""
+        return (self.pos, self.score) if self.norms is None else (self.pos, self.score, self.norms)
+
     def copy(self) -> "LayerState":
         return LayerState(self.keys.clone(), self.values.clone(), self.pos.clone(), self.score.clone(), self.size,
-                          self.maybe_empty)
+                          self.maybe_empty, norms=None if self.norms is None else self.norms.clone())
 
 
 @dataclass

@@ -203,8 +203,8 @@ def policy_scan(hf, ids, policy):
             score[i] = torch.cat([score[i], torch.zeros(B, Hkv, 1)], dim=-1)
             score[i] = p.update(score[i], attn[:, :, None]).expand_as(score[i]).clone()
             extra = {"keys": layer.keys} if p.needs_keys else {}  # KeyDiff reads the (rotated) keys held
-            if p.needs_values:  # tova-value weighs attention by the values held
-                extra["values"] = layer.values
+            if p.needs_value_norms:  # tova-value weighs attention by the values held: recomputed here every step
+                extra["value_norms"] = layer.values.float().abs().sum(dim=-1)  # (B, Hkv, n) |v_j|_1 per kv head
             prio = p.priority(attn if p.needs_attention else None, pos[i], score[i], **extra).expand_as(score[i])
             n = prio.shape[-1]
             if n > p.states:

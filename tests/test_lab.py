@@ -11,6 +11,7 @@ import msrnn
 import msrnn.eval as ev
 from msrnn.cli import main
 from msrnn.errors import InputError
+from msrnn.state import l1_norms
 from msrnn.policies import INF, TOVA, TOVADecay, TOVAMax, TOVARecent, TOVASink, make_policy, policy_class
 from tiny import hf_model, save
 
@@ -190,16 +191,17 @@ def test_the_second_round_candidates_by_hand_and_on_a_model(model):
 # --- round 3 (docs/results/lab/README.md): policies that read the states' values ------------------------------------
 VALUES = torch.tensor([[[[1.0, -1.0], [0.5, 0.5], [2.0, 0.0]],
                         [[3.0, 1.0], [0.0, 1.0], [0.0, -2.0]]]])  # (B=1, Hkv=2, n=3, hd=2): L1 norms 2, 1, 2 and 4, 1, 2
+NORMS = torch.tensor([[[2.0, 1.0, 2.0], [4.0, 1.0, 2.0]]])  # (B, Hkv, n) what the state keeps for VALUES
 
 
 def test_tova_value_priority_by_hand():
     s = torch.tensor([[[0.4, 0.2, 0.25]]])  # tova-decay's average; gamma 0.5 divides by 0.875, 0.75, 0.5
     pos = POS.expand(1, 2, 3)
     p = make_policy("tova-value(gamma=0.5, sinks=0)", 2)
-    assert p.needs_values and p.keeps_score
-    prio = p.priority(ATTN[:, :, -1], pos, s, values=VALUES)  # times the kv-head mean of |v|_1: 3, 1, 2
+    assert p.needs_value_norms and p.keeps_score and not p.needs_values
+    prio = p.priority(ATTN[:, :, -1], pos, s, value_norms=NORMS)  # times the kv-head mean of |v|_1: 3, 1, 2
     torch.testing.assert_close(prio, torch.tensor([[[0.4 / 0.875 * 3, 0.2 / 0.75 * 1, 0.25 / 0.5 * 2]]]))
-    prio = make_policy("tova-value(gamma=0.5)", 2).priority(ATTN[:, :, -1], pos, s, values=VALUES)  # 1 sink: kept
+    prio = make_policy("tova-value(gamma=0.5)", 2).priority(ATTN[:, :, -1], pos, s, value_norms=NORMS)  # 1 sink: kept
     torch.testing.assert_close(prio, torch.tensor([[[INF, 0.2 / 0.75 * 1, 0.25 / 0.5 * 2]]]))
     with pytest.raises(InputError, match="sinks"):
         make_policy("tova-value(sinks=4)", 4)
@@ -245,6 +247,72 @@ def test_tova_value_exact_prefill_equals_steps_and_batching(model):
     assert not torch.allclose(alone.loss, tova.loss)  # the value norm changes which states stay
 
 
+class TOVAValueFromValues(TOVADecay):
+    """tova-value as it was first written: the value norms recomputed from all held values at every step (through
+    `needs_values`), out-of-place ops, the bias correction by indexing. The state-kept norms must change nothing."""
+
+    needs_values = True
+
+    def priority(self, attn, pos, score, values=None):
+        p1 = pos[:, :1]
+        age = (p1.max(dim=-1, keepdim=True).values - p1).clamp_max_(len(self.correction) - 1)
+        prio = score[:, :1] / self.correction[age] * values.float().abs().sum(dim=-1).mean(dim=1, keepdim=True)
+        return prio.masked_fill(p1 < 1, INF)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_tova_value_with_kept_norms_is_bit_for_bit_the_recomputed_one(model, mode):
+    """The state computes a value's norm once, when it enters, and moves it with its slot (LayerState.value_norms);
+    the decisions, logits and states are exactly those of recomputing every norm at every step, in steps (ring_step),
+    the layer-major scan and a fast prefill, alone and in a batch of rows."""
+    tokens = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(8))
+    ref, ref_state = run(model, TOVAValueFromValues(6), tokens, mode)
+    out, state = run(model, make_policy("tova-value", 6), tokens, mode)
+    assert torch.equal(out, ref)
+    for a, b in zip(state.layers, ref_state.layers):
+        assert torch.equal(a.pos, b.pos) and torch.equal(a.score, b.score)
+        assert b.norms is None and torch.equal(a.norms[:, :, : a.size], l1_norms(a.values[:, :, : a.size]))
+    rows = ev.score(model, torch.stack([tokens, tokens.flip(0)]), [TOVAValueFromValues(6), make_policy("tova-value", 6),
+                                                                    TOVA(6)])
+    assert torch.equal(rows[0].loss, rows[1].loss) and not torch.equal(rows[1].loss, rows[2].loss)
+
+
+def test_value_norms_travel_with_their_slots():
+    """Whatever moves slots (append, growing, sorting, drop_lowest + compact, keep_top, replace_lowest, copy), the kept
+    norms stay those of the values in the same slots, bit for bit; and the hand-checked NORMS are VALUES' norms."""
+    assert torch.equal(l1_norms(VALUES), NORMS)
+    gen = torch.Generator().manual_seed(9)
+    layer = msrnn.State.empty(1, 2, 3, 4, 3, torch.float32).layers[0]  # B 2, Hkv 3, hd 4, 3 slots: grows
+    new = lambda T: (torch.randn(2, 3, T, 4, generator=gen), torch.randn(2, 3, T, 4, generator=gen))  # noqa: E731
+    layer.append(*new(2), torch.tensor([[0, 1], [0, 1]]))
+    assert layer.norms is None  # kept only once a policy asks
+    layer.value_norms()
+    nxt = 2
+
+    def check():
+        n = layer.size
+        assert torch.equal(layer.norms[:, :, :n], l1_norms(layer.values[:, :, :n]))
+
+    for step in range(12):
+        T = 3 if step % 4 == 0 else 1
+        layer.sort_by_position() if step % 3 == 0 else None
+        layer.append(*new(T), torch.arange(nxt, nxt + T).expand(2, T))
+        nxt += T
+        check()
+        prio = torch.rand(2, 3, layer.size, generator=gen)  # per kv head: the heads move different slots
+        if step % 4 == 0:
+            layer.keep_top(prio, 4)
+            layer.compact()
+        elif step % 2 and layer.size == 5 and not layer.maybe_empty:
+            layer.replace_lowest(prio)
+        else:
+            layer.drop_lowest(prio, 4, layer.pos[:, :, : layer.size] == -1)
+            layer.compact()
+        check()
+    copy = layer.copy()
+    assert torch.equal(copy.norms, layer.norms) and copy.norms.data_ptr() != layer.norms.data_ptr()
+
+
 def test_tova_decay_head_by_hand_and_gamma_zero_is_tova_head(model):
     p = make_policy("tova-decay-head(gamma=0.5)", 2)  # two kv heads, one query head each
     s = p.update(torch.tensor([[[0.8, 0.2, 0.0], [0.0, 0.4, 0.2]]]), ATTN)
@@ -266,13 +334,13 @@ def test_tova_fit_by_hand():
 
     p = TOVAFit(2, sinks=0)  # gamma 0.9: bias corrections 1 - 0.9 ** 3, 1 - 0.9 ** 2, 1 - 0.9 for ages 2, 1, 0
     s, pos = torch.tensor([[[0.4, 0.2, 0.25]]]), POS.expand(1, 2, 3)
-    prio = p.priority(ATTN[:, :, -1], pos, s, values=VALUES)
+    prio = p.priority(ATTN[:, :, -1], pos, s, value_norms=NORMS)
     a, size, age, c = [0.3, 0.2, 0.5], [3.0, 1.0, 2.0], [2.0, 1.0, 0.0], [0.271, 0.19, 0.1]
     eps, log = 1e-6, torch.log
     want = [p.W_NOW * log(torch.tensor(a[j] + eps)) + log(torch.tensor(s[0, 0, j].item() / c[j] + eps))
             + p.W_VALUE * log(torch.tensor(size[j] + eps)) + p.W_AGE * log(torch.tensor(1 + age[j])) for j in range(3)]
     torch.testing.assert_close(prio, torch.stack(want)[None, None])
     p.W_NOW, p.W_VALUE, p.W_AGE = 0.0, 1.0, 0.0  # then it is the log of tova-value's priority
-    value = make_policy("tova-value(sinks=0)", 2).priority(ATTN[:, :, -1], pos, s, values=VALUES)
-    torch.testing.assert_close(p.priority(ATTN[:, :, -1], pos, s, values=VALUES).exp(), value, rtol=1e-4, atol=0)
-    assert TOVAFit(2).priority(ATTN[:, :, -1], pos, s, values=VALUES)[0, 0, 0] == INF  # the first token stays
+    value = make_policy("tova-value(sinks=0)", 2).priority(ATTN[:, :, -1], pos, s, value_norms=NORMS)
+    torch.testing.assert_close(p.priority(ATTN[:, :, -1], pos, s, value_norms=NORMS).exp(), value, rtol=1e-4, atol=0)
+    assert TOVAFit(2).priority(ATTN[:, :, -1], pos, s, value_norms=NORMS)[0, 0, 0] == INF  # the first token stays
