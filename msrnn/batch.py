@@ -12,7 +12,6 @@ from typing import Sequence
 
 import torch
 
-from .errors import InputError
 from .policies import Policy, check_priority
 
 
