@@ -202,7 +202,7 @@ class Constant(Policy):
                                                ("llama", "tova-decay"), ("llama", "tova-value"), ("llama", "sinks"), ("mistral", "tova"),
                                                ("llama", Constant(5))])
 def test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_does(model_type, policy, monkeypatch):
-    """model.ring_step (a full layer: the newest state takes the slot of the lowest-priority one) gives the same
+    """attention.ring_step (a full layer: the newest state takes the slot of the lowest-priority one) gives the same
     logits, kept positions, slots and scores as the general recurrence (append, drop_lowest, compact)."""
     policy = make_policy(policy, 5) if isinstance(policy, str) else policy
     window = {"sliding_window": 4} if model_type == "mistral" else {}
