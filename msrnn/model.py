@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
 from .attention import attend, check_unranked
+from .config import Config
 from .errors import InputError
 from .policies import Policy, layer_budgets
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
@@ -64,8 +64,8 @@ class Block(nn.Module):
 
         rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T); inv_freq is (hd/2,), or
         (T, hd/2) when each token has its own (dynamic scaling, token by token). each_token: the policy evicts after
-        every token (the recurrence, run here layer-major: see `attention.scan`); False: once, after the whole chunk (fast
-        prefill)."""
+        every token (the recurrence, run here layer-major: see `attention.scan`); False: once, after the whole chunk
+        (fast prefill)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
