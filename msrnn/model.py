@@ -139,6 +139,7 @@ class Transformer(nn.Module):
         eager: their matrix products dominate. The first steps compile (tens of seconds with inductor, which needs
         a C++ compiler); results equal the eager model's up to float rounding. Returns the model."""
         import functools
+        import logging
         import os
         import shutil
 
@@ -149,6 +150,9 @@ class Transformer(nn.Module):
             raise InputError("compiling for the CPU with torch's inductor needs a C++ compiler, and none was found "
                              "(g++, clang++ or $CXX); install one (e.g. apt install g++) or run without --compile.")
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # policies x shapes
+        # Until a layer holds its k states, a step sizes the state on the host (graph breaks, by design): keep
+        # dynamo's warnings about them out of the user's output (errors still show)
+        torch._logging.set_logs(dynamo=logging.ERROR)
         try:
             step = torch.compile(Block.forward, backend=backend, **options)
         except Exception as e:  # an unknown backend or option: torch's own message, under ours
