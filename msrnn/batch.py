@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .policies import Policy, check_priority
+from .policies import Policy, check_priority, take_flags
 
 
 class RowPolicies(Policy):
@@ -33,13 +33,7 @@ class RowPolicies(Policy):
         schemes = {m.positions for m in members}
         positions = members[0].positions if len(schemes) == 1 else tuple(m.positions for m in members for _ in range(rows))
         self.members, self.rows = list(members), rows
-        self.needs_attention = any(m.needs_attention for m in members)
-        self.keeps_score = any(m.keeps_score for m in members)
-        self.layer_local = all(m.layer_local for m in members)
-        self.needs_values = any(m.needs_values for m in members)
-        self.needs_value_norms = any(m.needs_value_norms for m in members)
-        self.needs_keys = any(m.needs_keys for m in members)
-        self.drops = any(m.drops for m in members)
+        take_flags(self, members)
         self._layers = {}  # (layer, layers) -> the RowPolicies of the members' policies for that layer
         if not bound and any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer:
             self.states, self.positions = [m.states for m in members], positions  # bound by at_layer

@@ -108,6 +108,18 @@ def nan_error(policy: Policy, row: int) -> InputError:
                       "a NaN cannot be ranked (look for 0/0 or log(0) in the policy).")
 
 
+# What the model asks of a policy, and how a policy made of several (PerLayer: one per layer; RowPolicies: one per
+# block of rows) answers for its members: it needs something if any member does, is layer-local if all are.
+CONTRACT_FLAGS = (("needs_attention", any), ("keeps_score", any), ("drops", any), ("needs_keys", any),
+                  ("needs_values", any), ("needs_value_norms", any), ("layer_local", all))
+
+
+def take_flags(policy: Policy, members) -> None:
+    """Set policy's contract flags (CONTRACT_FLAGS) from its members'."""
+    for flag, combine in CONTRACT_FLAGS:
+        setattr(policy, flag, combine(getattr(m, flag) for m in members))
+
+
 def per_kv_head(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """(B, H, ...) -> (B, Hkv, G, ...): each kv head's group of query heads."""
     return attn.view(attn.shape[0], kv_heads, -1, *attn.shape[2:])
@@ -252,12 +264,13 @@ class TOVADecay(TOVA):
         return s
 
     def priority(self, attn, pos, score):
-        return self.bias_corrected(pos, score[:, :1])  # (B, 1, n) one score per state for the whole layer
+        # (B, 1, n) one score per state for the whole layer: a layer-wise policy, every kv head holds the same tokens
+        return self.bias_corrected(pos[:, :1], score[:, :1])
 
     def bias_corrected(self, pos, score):
-        """score (B, h, n) / (1 - gamma ** age): the running average, unbiased for states only a few queries saw."""
-        pos = pos[:, :1]  # (B, 1, n) a layer-wise policy: every kv head holds the same tokens
-        age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)  # (B, 1, n) queries that saw the state, - 1
+        """score (B, h, n) / (1 - gamma ** age), pos (B, h, n) the positions of the states those scores belong to:
+        the running average, unbiased for states only a few queries saw."""
+        age = (newest(pos) - pos).clamp_max_(len(self.correction) - 1)  # (B, h, n) queries that saw the state, - 1
         return score / self.correction.to(score.device).take(age)  # take: a plain lookup, cheaper than [age]
 
     def __repr__(self) -> str:
@@ -416,8 +429,7 @@ class TOVADecayHead(TOVADecay):
         return score
 
     def priority(self, attn, pos, score):
-        age = (newest(pos) - pos).clamp_(0, len(self.correction) - 1)  # (B, Hkv, n): heads hold different states
-        return score / self.correction.to(score.device)[age]
+        return self.bias_corrected(pos, score)  # (B, Hkv, n): heads hold different states
 
 
 class TOVAFit(TOVAValue):
@@ -439,7 +451,7 @@ class TOVAFit(TOVAValue):
         eps = 1e-6
         pos1 = pos[:, :1]  # (B, 1, n) layer-wise
         age = (newest(pos1) - pos1).float()  # (B, 1, n)
-        prio = (self.W_NOW * (attn.mean(dim=1, keepdim=True) + eps).log() + (self.bias_corrected(pos, score[:, :1])
+        prio = (self.W_NOW * (attn.mean(dim=1, keepdim=True) + eps).log() + (self.bias_corrected(pos1, score[:, :1])
                 + eps).log() + self.W_VALUE * (value_size(value_norms) + eps).log() + self.W_AGE * age.log1p())  # (B, 1, n)
         return prio.masked_fill(pos1 < self.sinks, INF)
 
@@ -554,9 +566,7 @@ class PerLayer(Policy):
         self.members, self.positions = members, members[0].positions
         self.states = [m.states for m in members]  # the budgets, layer 0 first (a label: the model binds members)
         self.name = members[0].name if len({m.name for m in members}) == 1 else "per-layer"
-        for flag, combine in (("needs_attention", any), ("keeps_score", any), ("drops", any), ("needs_keys", any),
-                              ("needs_values", any), ("needs_value_norms", any), ("layer_local", all)):
-            setattr(self, flag, combine(getattr(m, flag) for m in members))
+        take_flags(self, members)
         self.min_states = min(m.min_states for m in members)
 
     def at_layer(self, layer, layers):
