@@ -195,8 +195,7 @@ class Bench:
         self.model, self.source, self.policy_name, self.progress = model, source, policy_name, progress
         # states: one budget (an int) or several, each an int or a list with one budget per layer
         budgets = [states] if isinstance(states, int) else [tuple(k) if isinstance(k, list) else k for k in states]
-        self.policies = {budget_label(k): make_policy(policy_name, list(k) if isinstance(k, tuple) else k)
-                         for k in budgets}  # "256" or "[96,64,32]" -> the policy with that budget
+        self.policies = {budget_label(k): make_policy(policy_name, k) for k in budgets}  # "256" or "[96,64,32]"
         self.positions, self.bounded_positions, self.steps, self.rounds = positions, bounded_positions, steps, rounds
         self.prefill_tokens, self.budget_context, self.budget_states = prefill_tokens, budget_context, budget_states
         self.stream_tokens, self.stream_states = stream_tokens, stream_states
@@ -405,7 +404,7 @@ def run(args) -> int:
     if args.stream_tokens < 0:
         raise InputError("--stream-tokens: give a positive number, or 0 to skip the stream.")
     for k in budgets:  # an unknown name, a bad file:Class or a budget the policy refuses, before minutes of loading
-        make_policy(args.policy, list(k) if isinstance(k, tuple) else k)
+        make_policy(args.policy, k)
     source = resolve(args.model)  # None: the bundled GGUF
     model = load_model(source, dtype=args.dtype)
     check_layers([args.policy], budgets, model.cfg.num_hidden_layers)  # a per-layer list of the model's depth

@@ -505,7 +505,7 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
         if not cells or not mine(b):
             continue
         tokens = data[b0 : b0 + batch]
-        results = score(model, tokens, [make_policy(p, list(k) if isinstance(k, tuple) else k, positions)
+        results = score(model, tokens, [make_policy(p, k, positions)
                                         for p, k in cells], prefill, prompt,
                         Reference.compute(model, tokens), bar.update if bar is not None else None)
         for (name, k), s in zip(cells, results):
@@ -523,7 +523,7 @@ def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=la
     def smallest(p, k):
         if layers is None:
             return min(k) if isinstance(k, tuple) else k
-        return smallest_budget(make_policy(p, list(k) if isinstance(k, tuple) else k), layers)
+        return smallest_budget(make_policy(p, k), layers)
 
     starts = [[prefix_length(smallest(p, k), prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
               for b in range(math.ceil(n / batch)) if mine(b)]
