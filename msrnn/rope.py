@@ -70,7 +70,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 LOGLOG_LINEAR = 10  # gaps up to this many tokens keep their exact length under the loglog scheme
 AT_USE = ("shift", "loglog")  # schemes whose keys are cached un-rotated and rotated at every use
 # absolute: keys rotated once at their stream position. rebase: the same, but when the next position would reach the
-# trained context the held states are renumbered 0..n-1 (model.rebase), so no distance ever passes it.
+# trained context the held states are renumbered 0..n-1 (model.Transformer._rebase), so no distance ever passes it.
 CACHED = ("absolute", "rebase")
 
 
