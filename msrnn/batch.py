@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .policies import Policy, check_priority, take_flags
+from .policies import Policy, built_in, check_priority, take_flags
 
 
 class RowPolicies(Policy):
@@ -83,7 +83,7 @@ class RowPolicies(Policy):
 def _alike(a: Policy, b: Policy) -> bool:
     """Built-in policies of one class whose settings differ only in the budget decide alike (no built-in priority
     or update reads `states`), so one call can serve the rows of both."""
-    if type(a) is not type(b) or type(a).__module__ != Policy.__module__:
+    if type(a) is not type(b) or not built_in(a):
         return False
     va, vb = ({k: v for k, v in vars(p).items() if k != "states"} for p in (a, b))
     return va.keys() == vb.keys() and all(
