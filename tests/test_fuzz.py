@@ -30,12 +30,14 @@ from safetensors.torch import save_file  # noqa: E402
 from msrnn import eval as ev  # noqa: E402
 from msrnn.config import Config  # noqa: E402
 from msrnn.errors import CheckpointError, ConfigError, InputError, MsrnnError  # noqa: E402
-from msrnn.gguf import _GLOBAL_NAMES, _LAYER_NAMES, read_gguf, supported_types  # noqa: E402
+from msrnn.gguf import read_gguf  # noqa: E402
+from msrnn.gguf_check import GLOBAL_NAMES, LAYER_NAMES, supported_types  # noqa: E402
 from msrnn.policies import make_policy  # noqa: E402
 from msrnn.state import State  # noqa: E402
 from msrnn.template import render  # noqa: E402
+from msrnn.tensors import expected_shapes  # noqa: E402
 from msrnn.tokenizer import Tokenizer  # noqa: E402
-from msrnn.weights import expected_shapes, load_model  # noqa: E402
+from msrnn.weights import load_model  # noqa: E402
 
 # 30 examples per property keeps the module at seconds; MSRNN_FUZZ_EXAMPLES=1000 searches harder.
 FUZZ = settings(max_examples=int(os.environ.get("MSRNN_FUZZ_EXAMPLES", 30)), deadline=None,
@@ -202,9 +204,9 @@ def test_fuzz_safetensors_header(root, checkpoint, reference, data, how):
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------------------
-GGUF_NAMES = {hf: name for name, hf in _GLOBAL_NAMES.items()}
+GGUF_NAMES = {hf: name for name, hf in GLOBAL_NAMES.items()}
 GGUF_NAMES.update({f"model.layers.{n}.{hf}.weight": f"blk.{n}.{ll}.weight" for n in range(2)
-                   for ll, hf in _LAYER_NAMES.items()})
+                   for ll, hf in LAYER_NAMES.items()})
 VOCAB = ["a", "b", "c", "ab", "bc", "abc", "<s>", "</s>"] + [f"t{i}" for i in range(32)]  # 40 tokens
 MERGES = ["a b", "b c", "ab c"]
 
