@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as Q, GGUFValueType as T  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from msrnn import eval as ev  # noqa: E402
+from msrnn import results as results_file  # noqa: E402
 from msrnn.config import Config  # noqa: E402
 from msrnn.errors import CheckpointError, ConfigError, InputError, MsrnnError  # noqa: E402
 from msrnn.gguf import read_gguf  # noqa: E402
@@ -376,9 +376,9 @@ def test_fuzz_results_jsonl(root, data, how):
         text = text[:data.draw(st.integers(0, len(text)))]
     path = fresh(root, ".jsonl")
     path.write_text(text)
-    units = outcome(lambda: ev._load_results(path, SETTINGS, resume=True))
+    units = outcome(lambda: results_file.load_results(path, SETTINGS, resume=True))
     if units:  # what is accepted adds up
-        assert all(ev.unit_problem(u) is None for u in units.values())
+        assert all(results_file.unit_problem(u) is None for u in units.values())
 
 
 # --- one named test per kind of problem -------------------------------------------------------------------------
@@ -563,9 +563,9 @@ def test_edited_results_file_refused_on_resume(tmp_path):
     path = tmp_path / "results.jsonl"
     bad = dict(UNITS[1], tokens=-3)
     path.write_text("\n".join(json.dumps(x) for x in [{"settings": SETTINGS}, UNITS[0], bad]) + "\n")
-    refused(InputError, "unit 3 of .*results.jsonl is not one msrnn wrote", lambda: ev._load_results(path, SETTINGS, True))
+    refused(InputError, "unit 3 of .*results.jsonl is not one msrnn wrote", lambda: results_file.load_results(path, SETTINGS, True))
     path.write_text('[1, 2]\n')
-    refused(InputError, "does not start with the settings line", lambda: ev._load_results(path, SETTINGS, True))
+    refused(InputError, "does not start with the settings line", lambda: results_file.load_results(path, SETTINGS, True))
 
 
 # --- the command line: everything else is checked before a policy file runs ------------------------------------
