@@ -237,7 +237,7 @@ def _unevicting(policy: Policy, length: int, layers: int) -> Policy:
 
 def _twin(policy: Policy, length: int) -> Policy:
     twin = copy.copy(policy)
-    twin.states = max(policy.states, length)
+    twin.states, twin.heads = max(policy.states, length), None  # every kv head keeps the whole prefix
     return twin
 
 

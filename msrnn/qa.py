@@ -36,7 +36,7 @@ from .errors import InputError
 from .eval import prefix_state
 from .generate import decode_tokens, eos_ids
 from .grid import parse_grid
-from .policies import Policy, layer_budgets, make_policy
+from .policies import Policy, make_policy
 from .report import progress, pyplot, read_text, write_csv
 from .results import RESULTS, answer_unit_key, answer_unit_problem, load_results, record
 from .stats import wilson
@@ -62,8 +62,8 @@ def _prefix(members: Sequence[Policy], context: int, prefill: str, layers: int |
     With the model's `layers`, a member with budgets per layer (PyramidKV) counts its smallest."""
     if prefill == "fast":  # the one eviction happens at the last context token
         return context - 1
-    least = [min(layer_budgets(m, layers)) if layers else min(m.states) if isinstance(m.states, list) else m.states
-             for m in members]
+    least = [min(m.at_layer(i, layers).min_budget() for i in range(layers)) if layers else m.min_budget()
+             for m in members]  # the smallest budget of any layer and kv head: no eviction before it
     return min(min(least), context)
 
 

@@ -10,10 +10,10 @@
 
 The contract is written out in base.py's docstring and in docs/policies.md.
 """
-from .base import (CONTRACT_FLAGS, INF, POSITION_SCHEMES, PerLayer, Policy, built_in, check_priority, layer_budgets,
-                   nan_error, newest, per_kv_head, take_flags, whole)
+from .base import (CONTRACT_FLAGS, INF, POSITION_SCHEMES, PerHead, PerLayer, Policy, built_in, check_priority,
+                   layer_budgets, nan_error, newest, per_kv_head, take_flags, whole)
 from .kvpress import KeyDiff, PyramidKV, SnapKV, pyramid
 from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASink, TOVAValue, value_size
-from .names import FULL, POLICIES, load_policy_file, make_policy, parse_spec, parse_states, policy_class
+from .names import FULL, POLICIES, load_policy_file, make_policy, parse_spec, parse_states, policy_class, read_budgets
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
 

@@ -44,6 +44,7 @@ class Policy:
     needs_values = False  # True: priority is also given values=(B, Hkv, n, hd), the states' values
     needs_value_norms = False  # True: priority is also given value_norms=(B, Hkv, n), |v_j|_1 per kv head
     needs_keys = False  # True: priority also takes keys=(B, Hkv, n, hd), the keys the layer holds (KeyDiff)
+    heads = None  # (k_0, ..., k_{Hkv-1}): a budget per kv head (PerHead), or None: `states` for every head
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -57,12 +58,17 @@ class Policy:
         self.states = states  # k: the most states a layer keeps after each step
         self.positions = positions
 
+    def per_head(self, budgets) -> "PerHead":
+        """This policy with a budget per kv head, budgets = (k_0, ..., k_{Hkv-1}) (see PerHead)."""
+        return PerHead(self, budgets)
+
     def budget(self):
-        """k, the most states a row may keep: an int, or (B, 1, 1) when rows have budgets of their own."""
+        """k, the most states a row may keep: an int, (B, 1, 1) when rows have budgets of their own, or
+        (1, Hkv, 1) when kv heads do (PerHead)."""
         return self.states
 
     def min_budget(self) -> int:
-        """The smallest budget of any row: a layer holding no more cannot have to evict."""
+        """The smallest budget of any row or kv head: a layer holding no more cannot have to evict."""
         return self.states
 
     def at_layer(self, layer: int, layers: int) -> "Policy":
@@ -117,6 +123,51 @@ def take_flags(policy: Policy, members) -> None:
         setattr(policy, flag, combine(getattr(m, flag) for m in members))
 
 
+class PerHead(Policy):
+    """One layer's policy with a budget per kv head: kv head h keeps its own k_h states (`heads`).
+
+        make_policy("tova", [[512, 64, 64], [64, 64, 512]])     # 2 layers of 3 kv heads: a PerLayer of PerHeads
+
+    A kv head with a budget of its own decides on its own: the policy sees each kv head as a batch row of its own
+    (attn (B, H, n) -> (B*Hkv, G, n): its G query heads; pos, score -> (B*Hkv, 1, n)), so a layer-wide policy such
+    as TOVA (one decision for all heads, the head-mean of attention) ranks each head's states by that head's own
+    group of queries, as tova-head does. Head-wise policies (tova-head, h2o...) decide exactly as without it.
+    `states` is the largest k_h (the slots the layer needs); settings derived from k when the policy was made
+    (H2O's recent half, SnapKV's window) keep that value (make_policy makes it with the smallest k_h)."""
+
+    def __init__(self, policy: Policy, budgets):
+        budgets = tuple(budgets)
+        if not isinstance(policy, Policy) or isinstance(policy, PerHead) or type(policy).at_layer is not Policy.at_layer:
+            raise InputError("PerHead takes one layer's policy (not a policy with budgets per layer or per head).")
+        if not budgets or any(isinstance(k, bool) or not isinstance(k, int) or k < policy.min_states for k in budgets):
+            raise InputError(f"{policy.name}: per-head budgets {list(budgets)} must be whole numbers >= "
+                             f"{policy.min_states}, one per kv head.")
+        self.inner, self.heads, self.states = policy, budgets, max(budgets)
+        self.name, self.positions, self.min_states = policy.name, policy.positions, policy.min_states
+        take_flags(self, [policy])
+        self._budget = torch.tensor(budgets)[None, :, None]  # (1, Hkv, 1)
+
+    def budget(self):
+        return self._budget
+
+    def min_budget(self) -> int:
+        return min(self.heads)
+
+    def update(self, score, attn):
+        B, Hkv, n = score.shape  # attn (B, H, T, n) -> (B*Hkv, G, T, n): each kv head a row of its own
+        return self.inner.update(score.reshape(B * Hkv, 1, n), attn.reshape(B * Hkv, -1, *attn.shape[2:])).view(B, Hkv, n)
+
+    def priority(self, attn, pos, score, **extra):
+        B, Hkv, n = pos.shape
+        rows = {k: v.reshape(B * Hkv, 1, *v.shape[2:]) for k, v in extra.items()}  # keys, values, value_norms
+        prio = self.inner.priority(None if attn is None else attn.reshape(B * Hkv, -1, n),
+                                   pos.reshape(B * Hkv, 1, n), score.reshape(B * Hkv, 1, n), **rows)
+        return check_priority(self.inner, prio, pos.reshape(B * Hkv, 1, n)).view(B, Hkv, n)
+
+    def __repr__(self) -> str:
+        return f"PerHead({self.inner!r}, heads={list(self.heads)})"
+
+
 def per_kv_head(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """(B, H, ...) -> (B, Hkv, G, ...): each kv head's group of query heads."""
     return attn.view(attn.shape[0], kv_heads, -1, *attn.shape[2:])
@@ -152,7 +203,8 @@ class PerLayer(Policy):
         if len({m.positions for m in members}) != 1:
             raise InputError("PerLayer: every layer's policy needs the same position scheme.")
         self.members, self.positions = members, members[0].positions
-        self.states = [m.states for m in members]  # the budgets, layer 0 first (a label: the model binds members)
+        # the budgets, layer 0 first, a list per kv head where heads have their own (a label: the model binds members)
+        self.states = [list(m.heads) if m.heads is not None else m.states for m in members]
         self.name = members[0].name if len({m.name for m in members}) == 1 else "per-layer"
         take_flags(self, members)
         self.min_states = min(m.min_states for m in members)
@@ -168,7 +220,7 @@ class PerLayer(Policy):
         raise InputError("a PerLayer policy has one budget per layer; bind a layer with at_layer(layer, layers).")
 
     def min_budget(self) -> int:
-        return min(self.states)
+        return min(m.min_budget() for m in self.members)
 
     def priority(self, attn, pos, score, keys=None):
         raise InputError("a PerLayer policy decides per layer; bind a layer with at_layer(layer, layers).")

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import InputError
-from .base import PerLayer, Policy
+from .base import PerHead, PerLayer, Policy
 from .kvpress import KeyDiff, PyramidKV, SnapKV
 from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASink, TOVAValue
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
@@ -77,7 +77,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 def make_policy(name: str, states: int | None = None, positions: str | None = None, **kwargs) -> Policy | None:
     """The policy called `name` (as the CLI spells it, settings allowed: "tova-decay(gamma=0.8)") with budget
     `states` and position scheme `positions` (None: the policy's own default); `full` gives None (unbounded).
-    `states` as a list gives every layer its own budget (layer 0 first): a PerLayer of one such policy per layer."""
+    `states` as a list gives every layer its own budget (layer 0 first): a PerLayer of one such policy per layer;
+    a list of lists gives every kv head of every layer its own ([[k_00, k_01, ...], [k_10, ...], ...], `per_head`)."""
     if positions is not None:
         kwargs["positions"] = positions
     spec, (name, settings) = name, parse_spec(name)
@@ -87,30 +88,64 @@ def make_policy(name: str, states: int | None = None, positions: str | None = No
     if states is None:
         raise InputError(f"policy {name!r} needs a budget: give states=k (e.g. --states 256).")
     if isinstance(states, (list, tuple)):  # one budget per layer: one policy per layer
-        return PerLayer([make_policy(spec, _layer_budget(name, k), None, **kwargs) for k in states])
+        return PerLayer([_layer_policy(spec, name, k, kwargs) for k in states])
     try:
         return cls(states, **settings, **kwargs)
     except TypeError as e:  # a setting the class does not take
         raise InputError(f"policy {name!r} does not take the settings {settings or kwargs}: {e}") from None
 
 
-# --- budgets per layer (PyramidKV), and a key-based press (KeyDiff) --------------------------------------------------
-def _layer_budget(name: str, k) -> int:
+def _layer_policy(spec: str, name: str, k, kwargs: dict) -> Policy:
+    """One layer's member of make_policy's PerLayer: budget k, an int or a list of one int per kv head."""
+    if isinstance(k, (list, tuple)) and k and all(isinstance(h, int) and not isinstance(h, bool) for h in k):
+        policy = make_policy(spec, min(k), None, **kwargs)
+        if type(policy).at_layer is not Policy.at_layer:
+            raise InputError(f"policy {name!r} sets its own budget per layer; it cannot take budgets per kv head.")
+        return PerHead(policy, k)
     if isinstance(k, bool) or not isinstance(k, int):
-        raise InputError(f"policy {name!r}: a per-layer budget list holds whole numbers of states, got {k!r}.")
-    return k
+        raise InputError(f"policy {name!r}: a per-layer budget list holds whole numbers of states (or one list of "
+                         f"them per layer, one per kv head), got {k!r}.")
+    return make_policy(spec, k, None, **kwargs)
 
 
-def parse_states(text: str) -> int | list[int]:
-    """--states as typed: "256" (every layer) or "[96,64,32]" (one budget per layer, layer 0 first)."""
+def _whole_numbers(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(k, int) and not isinstance(k, bool) for k in value)
+
+
+def parse_states(text: str) -> int | list:
+    """--states as typed: "256" (every layer), "[96,64,32]" (one budget per layer, layer 0 first),
+    "[[512,64,64],[64,64,512]]" (one per kv head of each layer), or a .json file holding such a list (or
+    {"budgets": list}, as `msrnn calibrate` writes)."""
     text = str(text).strip()
+    if text.endswith(".json"):
+        return read_budgets(text)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = None
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, list) and value and all(isinstance(k, int) and not isinstance(k, bool) for k in value):
+    if _whole_numbers(value) or (isinstance(value, list) and value and all(map(_whole_numbers, value))):
         return value
-    raise InputError(f"--states {text!r}: give a whole number of states per layer (e.g. 256) or one per layer in "
-                     "brackets, layer 0 first (e.g. \"[96,64,32]\").")
+    raise InputError(f"--states {text!r}: give a whole number of states per layer (e.g. 256), one per layer in "
+                     "brackets, layer 0 first (e.g. \"[96,64,32]\"), one per kv head of each layer "
+                     "(\"[[512,64,64],[64,64,512]]\"), or a budgets .json file.")
+
+
+def read_budgets(path: str | Path) -> list:
+    """Budgets per layer (and per kv head) from a JSON file: a list as --states takes it, or {"budgets": list}."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--states {path}: no such budgets file; give a .json file of budgets (msrnn calibrate "
+                         "writes one) or the budgets themselves, e.g. 256.")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--states {path}: not valid JSON ({e}).") from None
+    value = value.get("budgets") if isinstance(value, dict) else value
+    if not (_whole_numbers(value) or (isinstance(value, list) and value and all(map(_whole_numbers, value)))):
+        raise InputError(f"--states {path}: the file must hold a list of budgets per layer, or of lists per kv head "
+                         "(e.g. [[512,64,64],[64,64,512]]), alone or as {\"budgets\": ...}.")
+    return value
