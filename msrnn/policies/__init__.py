@@ -1,7 +1,8 @@
 """Policies: what turns the unbounded multi-state into a bounded one. One module per family, every name here:
 
     base.py     the contract (`Policy`: priority, update, the flags the model reads), the checks of a policy's
-                answer, the helpers every family uses (per_kv_head, newest), PerLayer (one policy per layer)
+                answer, the helpers every family uses (per_kv_head, newest), PerLayer and PerHead (a budget per
+                layer, per kv head)
     paper.py    the paper's: window, sinks, tova, tova-head, h2o, h2o-layer, baseline
     lab.py      the policy lab's TOVA variants: tova-decay, tova-max, tova-sink, tova-recent, tova-value,
                 tova-decay-head, tova-fit

@@ -1,5 +1,5 @@
 """The policy contract: what turns the unbounded multi-state into a bounded one (the base class, the checks of a
-policy's answer, the helpers every family uses, and PerLayer: one policy per layer).
+policy's answer, the helpers every family uses, PerLayer and PerHead: a budget per layer, per kv head).
 
 After the new token has attended to all n+1 states of a layer, the model asks the layer's policy which states to keep
 when there are more than `states` (k) of them. A policy answers with a *priority* per state: the model keeps the k
