@@ -7,6 +7,7 @@
     lab.py      the policy lab's TOVA variants: tova-decay, tova-max, tova-sink, tova-recent, tova-value,
                 tova-decay-head, tova-fit
     kvpress.py  later papers, as kvpress has them: snapkv, pyramidkv, keydiff
+    retrieval.py  memory beyond recency: retrieval heads with a large share of the memory, the rest sinks + recent
     names.py    POLICIES (name -> class), make_policy and parse_spec (every name form), policy files, parse_states
 
 The contract is written out in base.py's docstring and in docs/policies.md.
@@ -17,4 +18,5 @@ from .kvpress import KeyDiff, PyramidKV, SnapKV, pyramid
 from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASink, TOVAValue, value_size
 from .names import FULL, POLICIES, load_policy_file, make_policy, parse_spec, parse_states, policy_class, read_budgets
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
+from .retrieval import HeadMix, Retrieval, head_budgets, read_calibration
 

@@ -64,12 +64,12 @@ class Policy:
 
     def budget(self):
         """k, the most states a row may keep: an int, (B, 1, 1) when rows have budgets of their own, or
-        (1, Hkv, 1) when kv heads do (PerHead)."""
-        return self.states
+        (1, Hkv, 1) when kv heads do (`heads`: PerHead, retrieval)."""
+        return self.states if self.heads is None else torch.tensor(self.heads)[None, :, None]
 
     def min_budget(self) -> int:
         """The smallest budget of any row or kv head: a layer holding no more cannot have to evict."""
-        return self.states
+        return self.states if self.heads is None else min(self.heads)
 
     def at_layer(self, layer: int, layers: int) -> "Policy":
         """The policy that bounds layer `layer` (0 = the one next to the embeddings) of a model of `layers` layers.
@@ -145,14 +145,6 @@ class PerHead(Policy):
         self.inner, self.heads, self.states = policy, budgets, max(budgets)
         self.name, self.positions, self.min_states = policy.name, policy.positions, policy.min_states
         take_flags(self, [policy])
-        self._budget = torch.tensor(budgets)[None, :, None]  # (1, Hkv, 1)
-
-    def budget(self):
-        return self._budget
-
-    def min_budget(self) -> int:
-        return min(self.heads)
-
     def update(self, score, attn):
         B, Hkv, n = score.shape  # attn (B, H, T, n) -> (B*Hkv, G, T, n): each kv head a row of its own
         return self.inner.update(score.reshape(B * Hkv, 1, n), attn.reshape(B * Hkv, -1, *attn.shape[2:])).view(B, Hkv, n)
