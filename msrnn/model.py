@@ -212,12 +212,16 @@ class Transformer(nn.Module):
         caller splits there: where a rebase happens never depends on how the stream was cut into calls."""
         per_row = [scheme] * state.batch_size if isinstance(scheme, str) else list(scheme)
         limit = self.cfg.max_position_embeddings
-        rows = torch.tensor([s == "rebase" for s in per_row], device=state.next_pos.device)
-        ahead = limit - state.next_pos[rows]  # (R,) tokens each rebase row may still take
-        inside = ahead[(ahead > 0) & (ahead < T)]
-        if len(inside):
-            return int(inside.min())
-        rows &= state.next_pos >= limit  # (B,) rows at the trained context
+        rebasing = torch.tensor([s == "rebase" for s in per_row], device=state.next_pos.device)  # (B,)
+
+        def split() -> int:  # the fewest tokens a rebase row may still take, if fewer than T (0: none)
+            ahead = limit - state.next_pos[rebasing]  # (R,)
+            inside = ahead[(ahead > 0) & (ahead < T)]
+            return int(inside.min()) if len(inside) else 0
+
+        if split():
+            return split()
+        rows = rebasing & (state.next_pos >= limit)  # (B,) rows at the trained context
         if not bool(rows.any()):
             return 0
         inv_freq = inv_frequencies(self.cfg.rope, self.cfg.head_dim, limit).to(state.next_pos.device)  # unscaled
@@ -233,7 +237,7 @@ class Transformer(nn.Module):
             layer.pos[rows, :, :n] = new
             top = torch.maximum(top, new.flatten(1).amax(dim=1))
         state.next_pos[rows] = top + 1
-        return 0
+        return split()  # renumbered, a row may reach the limit again inside these T tokens (a small limit)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding matrix (int weights keep an int copy in lm_head instead)
