@@ -97,6 +97,13 @@ def test_a_prefill_chunk_that_reaches_the_trained_context_twice_rebases_twice(mo
     stepped = torch.stack([model.step(t[None], ref_state, policy)[0][0] for t in text])
     torch.testing.assert_close(logits[0], stepped, rtol=0, atol=TOL)
     assert int(state.next_pos) == int(ref_state.next_pos) <= model.cfg.max_position_embeddings
+    # a budget that fills the context by itself (70 > 64) renumbers before every token once full, as stepping does
+    text, policy = ids(80), make_policy("sinks", 70, "rebase")
+    logits, state = model.prefill(text[None], None, policy, all_logits=True, chunk=32)
+    ref_state = model.init_state(1, policy)
+    stepped = torch.stack([model.step(t[None], ref_state, policy)[0][0] for t in text])
+    torch.testing.assert_close(logits[0], stepped, rtol=0, atol=TOL)
+    assert int(state.next_pos) == int(ref_state.next_pos)
 
 
 def test_rebase_changes_nothing_for_a_window(model):
