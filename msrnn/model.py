@@ -234,6 +234,8 @@ class Transformer(nn.Module):
         top = torch.full_like(state.next_pos[rows], -1)  # (R,) the largest new position in any layer
         for layer in state.layers:
             n = layer.size
+            if n == 0:  # nothing held (the baseline has just dropped everything): nothing to renumber
+                continue
             old = layer.pos[rows, :, :n]  # (R, Hkv, n)
             held = old != EMPTY
             new = effective_positions(old, "shift").long().masked_fill(~held, EMPTY)  # (R, Hkv, n) ranks 0..

@@ -106,6 +106,15 @@ def test_a_prefill_chunk_that_reaches_the_trained_context_twice_rebases_twice(mo
     assert int(state.next_pos) == int(ref_state.next_pos)
 
 
+def test_rebase_reaches_the_trained_context_with_nothing_held(model):
+    # baseline(1) holds nothing after every second token: at the limit (64) there is nothing to renumber
+    text, policy = ids(70), make_policy("baseline", 1, "rebase")
+    state = model.init_state(1, policy)
+    for token in text:
+        model.step(token[None], state, policy)
+    assert int(state.next_pos) < model.cfg.max_position_embeddings
+
+
 def test_rebase_changes_nothing_for_a_window(model):
     # a window holds consecutive tokens, so renumbering them 0..k-1 keeps every distance: RoPE sees the same thing
     text = ids(200)
