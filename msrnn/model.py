@@ -341,3 +341,16 @@ class Transformer(nn.Module):
         if state.rope_at_use != rotates_at_use(getattr(policy, "positions", "absolute")):
             raise InputError("this state caches keys for another position scheme than the policy's; make the state "
                              "with model.init_state(batch_size, policy) for the policy you step with.")
+        if policy is not None and policy.states is not None:
+            self._check_head_budgets(policy)
+
+    def _check_head_budgets(self, policy: Policy) -> None:
+        """Budgets per kv head (Policy.per_head) must name each of this model's kv heads once."""
+        layers, Hkv = self.cfg.num_hidden_layers, self.cfg.num_key_value_heads
+        for i in range(layers):
+            bound = policy.at_layer(i, layers)
+            for heads in [m.heads for m in getattr(bound, "members", ())] + [bound.heads]:  # RowPolicies: its members
+                if heads is None or len(heads) == Hkv:
+                    continue
+                raise InputError(f"policy {policy.name!r}: layer {i} has {len(heads)} budgets per kv head, but this "
+                                 f"model has {Hkv} kv heads per layer; give {Hkv} budgets for each layer.")

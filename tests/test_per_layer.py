@@ -10,7 +10,8 @@ import torch
 
 import msrnn
 from msrnn.errors import InputError
-from msrnn.eval import _parse_grid, check_layers, perplexity
+from msrnn.eval import perplexity
+from msrnn.grid import check_layers, parse_grid
 from msrnn.policies import INF, KeyDiff, PerLayer, PyramidKV, SnapKV, TOVA, layer_budgets, make_policy, parse_states
 from test_eval import checkpoint, ppl_args, text_file  # noqa: F401 (fixtures of the tiny eval checkpoint)
 from tiny import hf_model, save
@@ -165,14 +166,14 @@ def test_bad_per_layer_lists_are_refused(bad):
 
 def test_bad_lists_in_the_grid_and_in_make_policy():
     with pytest.raises(InputError, match="--states"):
-        _parse_grid("tova", "64,[8,x]")
+        parse_grid("tova", "64,[8,x]")
     with pytest.raises(InputError, match="--states"):
-        _parse_grid("tova", "64,[8,0]")
+        parse_grid("tova", "64,[8,0]")
     with pytest.raises(InputError, match="whole numbers"):
         make_policy("tova", [8, 2.5])
     with pytest.raises(InputError, match="sinks"):  # each layer's budget is checked by the policy itself
         make_policy("sinks", [8, 4])
-    names, budgets = _parse_grid("tova,pyramidkv", "128,64,[96,64,32],[8,8,8]")
+    names, budgets = parse_grid("tova,pyramidkv", "128,64,[96,64,32],[8,8,8]")
     assert budgets == [(8, 8, 8), (96, 64, 32), 64, 128]  # sorted by mean budget
     assert parse_states("[96, 64,32]") == [96, 64, 32] and parse_states(" 256 ") == 256
 
