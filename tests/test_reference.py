@@ -4,7 +4,7 @@ Side by side over the same tokens: the reference stepped token by token; `model.
 once a layer is full); `model.prefill(mode="exact")` (the layer-major scan, in chunks); and, for a few policies, a
 compiled step (torch.compile, backend aot_eager: no C++ compiler needed). Equal logits (fp32, <= 1e-5) and the same
 positions kept in every layer and kv head (as sets: slot order means nothing), for every built-in policy, budgets
-{the policy's smallest, small, >= T}, per-layer budgets, every position scheme, tiny random Llama/Mistral models.
+{the policy's smallest, small, >= T}, budgets per layer and per kv head, every position scheme, tiny random Llama/Mistral models.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import msrnn
 from msrnn.config import Config, RopeConfig
 from msrnn.errors import MsrnnError
-from msrnn.policies import POLICIES, POSITION_SCHEMES, TOVAHead, make_policy
+from msrnn.policies import POLICIES, POSITION_SCHEMES, make_policy
 from msrnn.reference import Reference
 from msrnn.state import EMPTY
 
@@ -95,26 +95,13 @@ def test_per_layer_budgets_match_the_reference(name):
     side_by_side(tiny(layers=3), tokens, make_policy(name, [k0 + 4, k0, k0 + 1]), chunk=4)
 
 
-class HeadBudgets(TOVAHead):
-    """tova-head with a budget per kv head: budget() is a tensor (B, Hkv, 1), as the contract allows."""
-
-    name = "tova-head-budgets"
-
-    def __init__(self, budgets: list[int]):
-        super().__init__(max(budgets))
-        self.budgets = budgets
-
-    def budget(self):
-        return torch.tensor(self.budgets)[None, :, None]  # (1, Hkv, 1)
-
-    def min_budget(self) -> int:
-        return min(self.budgets)
-
-
-def test_a_budget_per_kv_head_matches_the_reference():
-    """budget() as a (B, Hkv, 1) tensor: kv head h keeps its own top budget[h] states."""
+@pytest.mark.parametrize("name", [n for n in POLICIES if n != "pyramidkv"])  # pyramidkv sets its own budgets
+def test_budgets_per_kv_head_match_the_reference(name):
+    """make_policy(name, [[k_00, k_01], [k_10, k_11]]): kv head h of layer l keeps its own top k_lh states (PerHead:
+    budget() is a (1, Hkv, 1) tensor, and each kv head is a row of its own to the policy)."""
+    k0 = smallest(name)
     tokens = torch.randint(0, 61, (12,), generator=torch.Generator().manual_seed(3)).tolist()
-    side_by_side(tiny(kv=2), tokens, HeadBudgets([2, 5]), chunk=4)
+    side_by_side(tiny(kv=2), tokens, make_policy(name, [[k0, k0 + 3], [k0 + 2, k0]]), chunk=4)
 
 
 @st.composite
@@ -130,7 +117,13 @@ def cases(draw):
     policy = None
     if name != "full":
         k0 = smallest(name, positions)
-        k = draw(st.sampled_from([k0, k0 + draw(st.integers(1, 4)), max(k0, T + 1)]))
+        budget = st.sampled_from([k0, k0 + draw(st.integers(1, 4)), max(k0, T + 1)])
+        k = draw(budget)
+        shape = "one" if name == "pyramidkv" else draw(st.sampled_from(["one", "one", "per layer", "per kv head"]))
+        if shape == "per layer":
+            k = [draw(budget) for _ in range(model["layers"])]
+        elif shape == "per kv head":
+            k = [[draw(budget) for _ in range(model["kv"])] for _ in range(model["layers"])]
         policy = make_policy(name, k, positions=positions)
     # KeyDiff ranks keys by their cosine to the mean key, with no query: a token repeated at evenly spaced positions
     # gives keys R_i k whose cosines tie exactly in real arithmetic, and rounding (a matrix-vector product here, a
