@@ -80,6 +80,9 @@ def test_per_layer_list_makes_one_policy_per_layer():
     assert isinstance(p, PerLayer) and p.states == [8, 6, 4, 2] and p.keeps_score and p.name == "h2o"
     assert [m.recent for m in p.members] == [4, 3, 2, 1]  # each member built with its own k (recent = k // 2)
     assert layer_budgets(p, 4) == [8, 6, 4, 2] and layer_budgets(TOVA(5), 3) == [5, 5, 5]
+    for states in ([8, 6], [[8, 4], [6, 6]]):  # a position scheme reaches every member (it was a TypeError)
+        p = make_policy("tova", states, positions="shift")
+        assert p.positions == "shift" and {m.positions for m in p.members} == {"shift"}
 
 
 @pytest.mark.parametrize("name", ["tova", "h2o", "sinks(sinks=1)"])

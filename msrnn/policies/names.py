@@ -99,14 +99,14 @@ def make_policy(name: str, states: int | None = None, positions: str | None = No
 def _layer_policy(spec: str, name: str, k, kwargs: dict) -> Policy:
     """One layer's member of make_policy's PerLayer: budget k, an int or a list of one int per kv head."""
     if isinstance(k, (list, tuple)) and k and all(isinstance(h, int) and not isinstance(h, bool) for h in k):
-        policy = make_policy(spec, min(k), None, **kwargs)
+        policy = make_policy(spec, min(k), **kwargs)
         if type(policy).at_layer is not Policy.at_layer:
             raise InputError(f"policy {name!r} sets its own budget per layer; it cannot take budgets per kv head.")
         return PerHead(policy, k)
     if isinstance(k, bool) or not isinstance(k, int):
         raise InputError(f"policy {name!r}: a per-layer budget list holds whole numbers of states (or one list of "
                          f"them per layer, one per kv head), got {k!r}.")
-    return make_policy(spec, k, None, **kwargs)
+    return make_policy(spec, k, **kwargs)  # kwargs holds positions, if given
 
 
 def _whole_numbers(value) -> bool:
