@@ -145,6 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
 
     p = sub.add_parser(
+        "calibrate", formatter_class=Formatter, help="rank the kv heads by how much a far fact needs them (retrieval)",
+        description="Which kv heads fetch a fact from far back: on pass-key prompts it generates itself (random\n"
+                    "words, never the novels), each head is cut to sinks + recent states at the question and the\n"
+                    "answer's loss measured, jointly (backward elimination). Writes into --out:\n"
+                    "  calibration.json   the ranking (for --policy \"retrieval(calibration='.../calibration.json')\")\n"
+                    "  budgets.json       budgets per layer and kv head for a mean of --states (--states budgets.json)\n"
+                    "  heads.png          layers x kv heads\n"
+                    "  summary.txt        the top heads and how long it took",
+        epilog="example:\n  msrnn calibrate --prompts 8 --length 1024 --states 256 --out out/calibrate")
+    model_options(p)
+    p.add_argument("--prompts", type=int, default=8, metavar="N", help="pass-key prompts (one batch)")
+    p.add_argument("--length", type=int, default=1024, metavar="T", help="tokens per prompt")
+    p.add_argument("--stream", type=int, default=64, metavar="S", help="states a cut head keeps: sinks + recent")
+    p.add_argument("--sinks", type=int, default=4, metavar="N", help="first tokens a cut head keeps")
+    p.add_argument("--states", type=int, default=256, metavar="K", help="mean budget of budgets.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts")
+    p.add_argument("--out", default="out/calibrate", metavar="DIR", help="output folder")
+    p.set_defaults(run="calibrate:run_calibrate")
+
+    p = sub.add_parser(
         "inspect", formatter_class=Formatter, help="which tokens a policy keeps, and for how long (HTML, PNG, table)",
         description="Run a text through the model as a bounded multi-state RNN and record, for every token and\n"
                     "layer, how many steps it stayed in the state. Writes into --out:\n"
