@@ -27,7 +27,15 @@ POLICY_FORMS = (f"{FULL}, {', '.join(POLICIES)}; settings in parentheses (\"tova
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the descriptions' line breaks."""
+    """--help shows every default once and keeps the descriptions' line breaks. An option whose help already names
+    its default "(default: ...)", a required one, a flag, or one without a default (None: its help says what
+    happens without it) gets no second "(default: ...)"."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "(default" in help or action.required or action.default is None or isinstance(action.default, bool):
+            return help
+        return super()._get_help_string(action)
 
 
 # --- options shared by several commands --------------------------------------------------------------------------
@@ -86,8 +94,13 @@ def sampling_options(p, max_new_tokens: int) -> None:
 
 
 def text_options(p, out: str) -> None:
+    """--text and --out; an `out` with "<text name>" in it is the command's default folder, made from the text's
+    file name by the command (None here), so that runs on two texts do not share a folder."""
     p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
-    p.add_argument("--out", default=out, metavar="DIR", help="output folder")
+    if "<text name>" in out:
+        p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: {out})")
+    else:
+        p.add_argument("--out", default=out, metavar="DIR", help="output folder")
 
 
 # --- the commands ------------------------------------------------------------------------------------------------

@@ -252,3 +252,15 @@ def test_a_policy_file_runs_only_after_the_other_arguments_are_checked(checkpoin
             main([*ppl_args(checkpoint, text_file, tmp_path / "out"), "--policies", f"{tmp_path / 'mine.py'}:Mine",
                   *bad])
         assert "msrnn: error:" in capsys.readouterr().err and not marker.exists()
+
+
+@pytest.mark.parametrize("command, folder", [("ppl", "eval-story"), ("stream", "stream-story")])
+def test_eval_without_out_writes_into_a_folder_named_after_the_text(checkpoint, text_file, tmp_path, monkeypatch,
+                                                                     capsys, command, folder):
+    """No --out: out/eval-<text name> (ppl) or out/stream-<text name> (stream), never a folder literally called
+    'eval-<text name>' (which a second text would then overwrite)."""
+    monkeypatch.chdir(tmp_path)
+    args = (["--states", "6", "--policies", "tova", "--context", "24", "--chunks", "1"] if command == "ppl" else
+            ["--states", "6", "--tokens", "60", "--window", "30", "--full-tokens", "0"])
+    assert main(["eval", command, "--text", str(text_file), "--model", str(checkpoint), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [folder]
