@@ -183,6 +183,16 @@ class HFRunner:
         return timed(self.decoder(position, steps), 3) / steps * 1000
 
 
+def check_throughput(budget_context: int, budget_states) -> None:
+    """The throughput table is relative to the full cache of `budget_context` tokens at batch 1: one of
+    `budget_states` must reach it (checked before anything is timed)."""
+    if not any(k >= budget_context for k in budget_states):
+        raise InputError(f"--budget-states {','.join(map(str, budget_states))}: none reaches --budget-context "
+                         f"{budget_context}, the full cache every throughput row is compared with; add "
+                         f"{budget_context} to --budget-states (e.g. --budget-states "
+                         f"{','.join(map(str, [*budget_states, budget_context]))}) or lower --budget-context.")
+
+
 class Bench:
     """The measurements of `msrnn bench`, one method per phase, each writing its part of `res` (module docstring).
     The floor is timed beside every contender (it drifts with them); transformers' full cache is held at the
@@ -192,6 +202,7 @@ class Bench:
                  bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
                  budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
                  rounds=5, progress=True):
+        check_throughput(budget_context, budget_states)
         self.model, self.source, self.policy_name, self.progress = model, source, policy_name, progress
         # states: one budget (an int) or several, each an int or a list with one budget per layer
         budgets = [states] if isinstance(states, int) else [tuple(k) if isinstance(k, list) else k for k in states]
@@ -403,6 +414,7 @@ def run(args) -> int:
             raise InputError(f"{option}: give positive numbers (--stream-tokens may be 0 to skip the stream).")
     if args.stream_tokens < 0:
         raise InputError("--stream-tokens: give a positive number, or 0 to skip the stream.")
+    check_throughput(args.budget_context, lists["budget_states"])
     for k in budgets:  # an unknown name, a bad file:Class or a budget the policy refuses, before minutes of loading
         make_policy(args.policy, k)
     source = resolve(args.model)  # None: the bundled GGUF
