@@ -24,7 +24,9 @@ a policy written for them keeps working.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 
@@ -97,6 +99,34 @@ def check_priority(policy: Policy, prio, pos: torch.Tensor, nan: bool = False):
     if nan and bool(prio.isnan().any()):
         raise nan_error(policy, int(prio.isnan().flatten(1).any(1).nonzero()[0]))
     return prio
+
+
+def check_score(policy: Policy, new, score: torch.Tensor):
+    """new, as `policy.update` returned it, if it has the contract's shape (B, 1 or Hkv, n) for a score (B, Hkv, n)
+    and a float dtype (a tensor of another shape would broadcast into the state's scores unnoticed); otherwise one
+    InputError that names the policy. Shapes and dtypes only: no host sync."""
+    B, Hkv, n = score.shape
+    if not isinstance(new, torch.Tensor) or not new.is_floating_point() or new.dim() != 3 or \
+            new.shape[0] != B or new.shape[1] not in (1, Hkv) or new.shape[2] != n:
+        got = f"{new.dtype} {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
+        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.update) returned {got}; a score is a float "
+                         f"tensor of shape (B, 1, n) or (B, Hkv, n), as the score it is given, here ({B}, 1 or {Hkv}, "
+                         f"{n}) (docs/policies.md).")
+    return new
+
+
+def check_policy(policy) -> None:
+    """A policy the model can bind: None (unbounded) or a Policy whose __init__ ran Policy.__init__ (which sets its
+    budget and position scheme); one InputError otherwise."""
+    if policy is None:
+        return
+    if not isinstance(policy, Policy):
+        raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got "
+                         f"{type(policy).__name__}; build one with msrnn.policies.make_policy(name, states).")
+    if not hasattr(policy, "states") or not hasattr(policy, "positions"):
+        cls = type(policy).__name__
+        raise InputError(f"{cls}.__init__ did not call super().__init__(states, positions), so the policy has no "
+                         f"budget; call it first in {cls}.__init__ (docs/policies.md).")
 
 
 def nan_error(policy: Policy, row: int) -> InputError:
@@ -474,8 +504,9 @@ def policy_class(name: str) -> type[Policy] | None:
         return POLICIES[name]
     path, colon, cls_name = name.rpartition(":")
     if not colon or not path.endswith(".py"):
-        raise InputError(f"unknown policy {name!r}; choose one of {FULL}, {', '.join(POLICIES)}, "
-                         "or give your own as path/to/file.py:ClassName.")
+        close = difflib.get_close_matches(name, [FULL, *POLICIES], n=1)
+        raise InputError(f"unknown policy {name!r}{f': did you mean {close[0]}?' if close else ''}; choose one of "
+                         f"{FULL}, {', '.join(POLICIES)}, or give your own as path/to/file.py:ClassName.")
     return _load_policy_file(Path(path), cls_name)
 
 
@@ -486,7 +517,7 @@ def _load_policy_file(path: Path, cls_name: str) -> type[Policy]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the user's code: report where, not a traceback through importlib
+    except (Exception, SystemExit) as e:  # the user's code: report where, not a traceback (or a silent exit)
         raise InputError(f"policy file {path} failed to run: {type(e).__name__}: {e}") from e
     found = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Policy) and v is not Policy
              and v.__module__ == module.__name__]
@@ -533,10 +564,27 @@ def make_policy(name: str, states: int | None = None, positions: str | None = No
         raise InputError(f"policy {name!r} needs a budget: give states=k (e.g. --states 256).")
     if isinstance(states, (list, tuple)):  # one budget per layer: one policy per layer
         return PerLayer([make_policy(spec, _layer_budget(name, k), None, **kwargs) for k in states])
+    unknown_setting(name, cls, settings)
     try:
         return cls(states, **settings, **kwargs)
     except TypeError as e:  # a setting the class does not take
         raise InputError(f"policy {name!r} does not take the settings {settings or kwargs}: {e}") from None
+
+
+def unknown_setting(name: str, cls: type[Policy], settings: dict) -> None:
+    """One InputError for the first setting `cls.__init__` does not take, with the closest one it does (a class
+    taking **kwargs is left to itself)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [p for p in params if p not in ("self", "states", "positions")]
+    for key in settings:
+        if key not in params or key in ("self", "states", "positions"):
+            close = difflib.get_close_matches(key, known, n=1)
+            listed = f"ts settings: {', '.join(known)}" if known else "t has no settings"
+            hint = f": did you mean {close[0]}? I{listed}" if close else f"; i{listed}"
+            raise InputError(f"policy {name!r} does not take a setting {key!r}{hint} (the budget is --states, the "
+                             "position scheme --positions).")
 
 
 # --- budgets per layer (PyramidKV), and a key-based press (KeyDiff) --------------------------------------------------
@@ -561,6 +609,8 @@ class PerLayer(Policy):
         members = list(members)
         if not members or not all(isinstance(m, Policy) and not isinstance(m, PerLayer) for m in members):
             raise InputError("PerLayer takes a non-empty list of policies, one per layer (layer 0 first).")
+        for m in members:
+            check_policy(m)
         if len({m.positions for m in members}) != 1:
             raise InputError("PerLayer: every layer's policy needs the same position scheme.")
         self.members, self.positions = members, members[0].positions

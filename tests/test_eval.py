@@ -264,3 +264,11 @@ def test_eval_without_out_writes_into_a_folder_named_after_the_text(checkpoint, 
             ["--states", "6", "--tokens", "60", "--window", "30", "--full-tokens", "0"])
     assert main(["eval", command, "--text", str(text_file), "--model", str(checkpoint), *args]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [folder]
+
+
+def test_a_policy_file_that_exits_while_loading_is_an_error_not_a_silent_exit(checkpoint, text_file, tmp_path, capsys):
+    (tmp_path / "quits.py").write_text("raise SystemExit(0)\n")
+    with pytest.raises(SystemExit) as stop:
+        main([*ppl_args(checkpoint, text_file, tmp_path / "out"), "--policies", f"{tmp_path / 'quits.py'}:Mine"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "msrnn: error: policy file" in err and "SystemExit" in err
