@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "chat", formatter_class=Formatter, help="talk with a chat model; one bounded state for the whole conversation",
-        description="A chat REPL: type a message, get the answer; /quit or end of input (Ctrl-D) ends it. The whole "
+        description="A chat REPL: type a message, get the answer. /help lists the commands (/state, /reset, /quit); "
+                    "Ctrl-C stops an answer (the part written stays in the conversation), Ctrl-D or /quit ends the "
+                    "chat; in a terminal the arrow keys edit the line and recall earlier ones (readline). The whole "
                     "conversation lives in ONE bounded multi-state: each turn feeds only its new tokens, and the "
                     "policy keeps at most --states per layer, so the chat can run past the model's context length in "
                     "constant memory. --policy full is the unbounded transformer.",
