@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", formatter_class=Formatter, help="which tokens a policy keeps, and for how long (HTML, PNG, table)",
         description="Run a text through the model as a bounded multi-state RNN and record, for every token and\n"
                     "layer, how many steps it stayed in the state. Writes into --out:\n"
-                    "  retention.html          the text, each token shaded by how long it was kept\n"
-                    "  retention.png           heatmap of steps kept, layers x tokens\n"
+                    "  retention.html          the text, each token shaded by the share of the steps it could stay\n"
+                    "                          (to the end of the text) that it stayed\n"
+                    "  retention.png           heatmap of that share, layers x tokens\n"
                     "  retention_by_kind.md    mean retention of the first token, punctuation, newlines, 's,\n"
                     "  retention_by_kind.csv   closing quotes, proper nouns and other tokens\n"
                     "  tokens.csv              one row per token",
