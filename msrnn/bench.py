@@ -283,7 +283,7 @@ class Bench:
         if self.hf is not None:
             runs["hf"] = torch.inference_mode()(lambda: self.hf.model(toks))
         t = side_by_side(runs, max(2, self.rounds // 2))
-        self.res["msrnn_prefill_s"] = t["msrnn"]
+        self.res["msrnn_prefill_s"], self.res["prefill_tokens"] = t["msrnn"], self.prefill_tokens
         if self.hf is not None:
             self.res["hf_prefill_s"] = t["hf"]
 
@@ -340,7 +340,8 @@ def report(res: dict) -> str:
             hf = res.get("hf_full_at_ms", {}).get(p)
             ratio = f"{ms / hf:.2f} (vs its full cache at {res['hf_full_at']}: {hf:.1f} ms)" if hf else "–"
             out.append(f"| msrnn {res['policy']} {k} | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
-    out += ["", f"prefill of a prompt: msrnn {res['msrnn_prefill_s']:.2f} s"
+    tokens = f" of {res['prefill_tokens']} tokens" if "prefill_tokens" in res else ""  # older bench.json: unsaid
+    out += ["", f"prefill of a prompt{tokens}: msrnn {res['msrnn_prefill_s']:.2f} s"
             + (f", transformers {res['hf_prefill_s']:.2f} s" if "hf_prefill_s" in res else ""), "",
             "| throughput under the KV budget of a full cache | states | batch | ms/step | tokens/s | × full |",
             "|---|---|---|---|---|---|"]

@@ -219,7 +219,8 @@ def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, wh
     """The shared part of both commands: the grid with a progress bar, resumable. Returns (cells, units)."""
     cells = _cells(names, budgets)
     done = _load_results(out / RESULTS, settings, args.resume, key=_unit_key, problem=_unit_problem)
-    print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells, {args.prefill} prefill, batch "
+    print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells (policy x budget, full once), "
+          f"{args.prefill} prefill, batch "
           f"{args.batch}; {sum(1 for u in done if u[:2] in cells and u[2] in {t.key for t in trials})} "
           "answers already done", file=sys.stderr)
     stop = eos_ids(model, tokenizer)
@@ -371,8 +372,19 @@ def run_recall(args, load) -> None:
 def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], path: Path,
                 title: str) -> None:
     """Accuracy vs number of pairs, one panel per budget, one line per policy (bars: Wilson 95 %); full dashed."""
+    fig = recall_figure(rows, names, budgets, pairs, title)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def recall_figure(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], title: str):
+    """The figure of plot_recall: the title wrapped to the figure's width, the legend below the panels (off the
+    data)."""
+    import textwrap
+
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(budgets), figsize=(1 + 3.6 * len(budgets), 3.8), sharey=True, squeeze=False)
+    width = 1.5 + 3.6 * len(budgets)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(width, 3.8), sharey=True, squeeze=False)
     at = {(r["policy"], r["states"], r["pairs"]): r for r in rows}
 
     def line(ax, name, k, **style):
@@ -389,11 +401,11 @@ def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: l
         ax.set_xticks(pairs, [str(n) for n in pairs])
         ax.set(xlabel="key-value pairs", title=f"k = {k} states per layer", ylim=(-0.03, 1.03))
     axes[0][0].set_ylabel("exact-match accuracy")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 12))), fontsize=9)  # ~12 characters an inch at 9 pt
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # the bottom tenth holds the legend
+    return fig
 
 
 # --- which layers dropped the needle ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def test_bench_cli_writes_tables_json_and_png(tmp_path, capsys):
     assert 0 < agree["max_abs_logit_diff"] < 1 and agree["top1_agreement"] > 0.8
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "× transformers" in (out / "bench.md").read_text() and "floor" in capsys.readouterr().out
+    assert "prefill of a prompt of 8 tokens: msrnn " in (out / "bench.md").read_text()  # the prompt's length said
 
 
 def test_bench_takes_several_budgets_as_eval_does(tmp_path, capsys):
