@@ -2,10 +2,32 @@
 queries attend over it, and the policy bounds it.
 
 `attend` is the one entry point (`model.Block.forward` calls it between the projections; `msrnn.hf` calls it from
-inside a transformers model). Behind it: the parallel part (no eviction can happen yet), `scan` (the bounded
-recurrence, token by token, of a chunk whose projections already ran layer-major) and `ring_step` (the steady state
-of decoding: a full layer writes one slot). Shapes: B batch rows, T new tokens, H query heads, Hkv kv heads,
-G = H / Hkv query heads per kv head, hd head dim, S states held by the layer after adding the new ones (n + T).
+inside a transformers model). The recurrence itself takes one token at a time: append its (k, v), attend over every
+state held, ask the policy, drop the lowest. Which path runs when, and the test that proves it computes that same
+function (equal logits, the same states kept):
+
+  attend_parallel  queries that cannot evict yet: all of them when unbounded, the first k - n of a bounded chunk,
+                   and prefill="fast"'s one pass (then one eviction, by the last query)
+                   tests/test_model_vs_transformers.py::test_logits_equal_transformers
+                   tests/test_model.py::test_prefill_exact_and_fast_equal_the_parallel_forward_when_unbounded
+                   tests/test_policies.py::test_fast_prefill_is_one_eviction_by_the_last_query
+  scan             the rest of a bounded chunk (T > 1, exact prefill): token by token, over projections that ran
+                   layer-major          tests/test_scan.py::test_layer_major_equals_token_major
+  ring_step        a decode step (T = 1) of a bounded layer that holds exactly its k states: one slot rewritten
+                   tests/test_scan.py::test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_does
+  compiled step    model.compile(): each layer's one-token call (ring_step or the unbounded step) via torch.compile
+                   tests/test_scan.py::test_a_compiled_step_equals_the_eager_one
+  fused_attention  fused=True (msrnn.hf) with a policy that reads no probabilities (window, sinks, keydiff...)
+                   tests/test_hf.py::test_every_policy_equals_msrnn
+                   tests/test_hf.py::test_policies_without_attention_never_materialise_probabilities
+  long_output      an unbounded pass past PARALLEL_PROBS probabilities (a long prompt): torch's causal kernel, or
+                   the softmax in blocks of queries
+                   tests/test_scan.py::test_a_long_unbounded_pass_is_the_same_function_in_bounded_memory
+  valid (padding)  msrnn.hf with an attention mask: a padding token never enters the state, scores or evicts
+                   tests/test_hf.py::test_ragged_batch_rows_equal_each_row_alone
+
+Shapes: B batch rows, T new tokens, H query heads, Hkv kv heads, G = H / Hkv query heads per kv head, hd head dim,
+S states held by the layer after adding the new ones (n + T).
 """
 from __future__ import annotations
 

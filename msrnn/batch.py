@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .policies import Policy, check_policy, check_priority, check_score, take_flags
+from .policies import Policy, built_in, check_policy, check_priority, check_score, take_flags
 
 
 class RowPolicies(Policy):
@@ -40,10 +40,16 @@ class RowPolicies(Policy):
         if not bound and any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer:
             self.states, self.positions = [m.states for m in members], positions  # bound by at_layer
             return
-        super().__init__(min(m.states for m in members), members[0].positions)
+        super().__init__(min(m.min_budget() for m in members), members[0].positions)
         self.positions = positions  # one scheme per row if they differ (msrnn.rope.effective_positions)
-        self.uniform = len({m.states for m in members}) == 1  # one budget: the model's plain eviction path applies
-        self._budget = torch.tensor([m.states for m in members]).repeat_interleave(rows)[:, None, None]  # (R, 1, 1)
+        # one budget: the model's plain eviction path applies
+        self.uniform = len({m.states for m in members}) == 1 and all(m.heads is None for m in members)
+        per_head = [m.heads for m in members if m.heads is not None]  # budgets per kv head: (R, Hkv, 1)
+        heads = len(per_head[0]) if per_head else 1
+        self._budget = torch.tensor([list(m.heads) if m.heads is not None else [m.states] * heads
+                                     for m in members]).repeat_interleave(rows, dim=0)[:, :, None]  # (R, 1 or Hkv, 1)
+        if per_head:
+            self.states = max(m.states for m in members)  # the slots a layer needs
         self.blocks = []  # [policy, first row, end row]: neighbours that decide alike share one call
         for i, member in enumerate(self.members):
             if self.blocks and _alike(self.blocks[-1][0], member):
@@ -60,8 +66,12 @@ class RowPolicies(Policy):
         return self
 
     def budget(self) -> torch.Tensor:
-        """(R, 1, 1) each row's budget (the int k when every member has the same)."""
+        """(R, 1, 1) each row's budget, (R, Hkv, 1) if a member has budgets per kv head (the int k when every
+        member has the same)."""
         return self.states if self.uniform else self._budget
+
+    def min_budget(self) -> int:
+        return min(m.min_budget() for m in self.members)
 
     def update(self, score, attn):
         out = score.clone()  # (R, Hkv, n)
@@ -85,7 +95,7 @@ class RowPolicies(Policy):
 def _alike(a: Policy, b: Policy) -> bool:
     """Built-in policies of one class whose settings differ only in the budget decide alike (no built-in priority
     or update reads `states`), so one call can serve the rows of both."""
-    if type(a) is not type(b) or type(a).__module__ != Policy.__module__:
+    if type(a) is not type(b) or not built_in(a):
         return False
     va, vb = ({k: v for k, v in vars(p).items() if k != "states"} for p in (a, b))
     return va.keys() == vb.keys() and all(

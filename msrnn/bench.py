@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import quant
 from .errors import CheckpointError, InputError
-from .eval import budget_label, check_layers, parse_budgets
+from .grid import budget_label, check_layers, parse_budgets
 from .report import current_rss_mib, peak_rss_mib, pyplot
 from .policies import make_policy
 

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_eval(sub) -> None:
-    from .eval import DEFAULT_BATCH, DEFAULT_POLICIES
+    from .ppl import DEFAULT_BATCH, DEFAULT_POLICIES
 
     p = sub.add_parser("eval", help="perplexity of bounded policies (the paper's Table 3), long streams, needle and "
                                     "recall tasks",
@@ -250,7 +250,7 @@ def add_eval(sub) -> None:
     q.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must match)")
     q.add_argument("--backend", default="msrnn", choices=("msrnn", "transformers"),
                    help="what runs the model: msrnn's own, or transformers with the policy in a msrnn.hf.PolicyCache")
-    q.set_defaults(run="eval:run_ppl")
+    q.set_defaults(run="ppl:run_ppl")
 
     s = ev.add_parser(
         "stream", formatter_class=Formatter, help="PPL and memory along one long stream, past the trained context",

@@ -49,20 +49,15 @@ Why it is fast (every shortcut computes the same function, up to the order of fl
   reference (B, T-1, vocab) fp32 log-probabilities of the current batch of chunks are held (402 MB per 2,048-token
   chunk of a 49,152-token vocabulary; `--batch` bounds it).
 
-`msrnn eval ppl` runs the grid policies x budgets and writes the paper's Table 3 layout (markdown, CSV, JSON, PNG);
-`msrnn eval stream` runs one long stream far past the trained context and reports PPL and memory per window.
+`msrnn eval ppl` (msrnn/ppl.py) runs the grid policies x budgets on this engine and writes the paper's Table 3 layout
+(markdown, CSV, JSON, PNG); `msrnn eval stream` (msrnn/stream.py) runs one long stream far past the trained context
+and reports PPL and memory per window.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import re
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -70,12 +65,8 @@ import torch
 from .batch import RowPolicies
 from .errors import InputError
 from .model import PREFILL_MODES
-from .policies import POLICIES, PerLayer, Policy, layer_budgets, make_policy, parse_spec, parse_states, policy_class
-from .report import plain_log_axis, progress, pyplot, read_text, write_csv
+from .policies import PerLayer, Policy, layer_budgets
 from .state import State
-
-DEFAULT_POLICIES = "full,baseline,window,sinks,h2o,tova-head,tova"
-DEFAULT_BATCH = 2  # chunks per batch state: 2 x 24 cells = 48 rows, past which a step gains little per row
 
 
 # --- per-token measures -------------------------------------------------------------------------------------------
@@ -193,7 +184,7 @@ def _as_batch(tokens) -> torch.Tensor:
     return tokens.long()
 
 
-def _check_run(prefill: str, prompt: int | None, T: int) -> int:
+def check_run(prefill: str, prompt: int | None, T: int) -> int:
     """Validate the mode and return the prompt length P (default 0 for exact, T//2 for fast)."""
     if prefill not in PREFILL_MODES:
         raise InputError(f"prefill={prefill!r} is unknown; choose 'exact' (the recurrence) or 'fast' (one parallel "
@@ -220,7 +211,7 @@ def smallest_budget(policy: Policy, layers: int) -> int:
 
 def group_steps(T: int, L: int) -> int:
     """Recurrent steps a batch runs on chunks of T tokens from prefix length L: the last prefix token, then tokens
-    L..T-2. (The progress bar counts these; the reference, a few % of the time, is not counted.)"""
+    L..T-2. (The progress bar counts these, and the reference's T-1 tokens: msrnn/ppl.py::grid_steps.)"""
     return 0 if L >= T - 1 else T - L
 
 
@@ -249,11 +240,11 @@ def _unevicting(policy: Policy, length: int, layers: int) -> Policy:
 
 def _twin(policy: Policy, length: int) -> Policy:
     twin = copy.copy(policy)
-    twin.states = max(policy.states, length)
+    twin.states, twin.heads = max(policy.states, length), None  # every kv head keeps the whole prefix
     return twin
 
 
-def _prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
+def prefix_state(model, prefix: torch.Tensor, rows: RowPolicies) -> State:
     """The batch state after the prefix (B, n), during which no row evicts: one parallel prefill shared by every
     member that keeps no score, one per kind of score (H2O accumulates attention), stacked member-major."""
     B, n = prefix.shape
@@ -280,7 +271,7 @@ def _run_rows(model, tokens, members: Sequence[Policy], starts: list[int], ref: 
     if L >= T - 1:
         return out
     rows = RowPolicies(members, B)
-    state = _prefix_state(model, tokens[:, : L - 1], rows)
+    state = prefix_state(model, tokens[:, : L - 1], rows)
     vocab = model.cfg.vocab_size
     piece = max(16, min(256, 2**27 // (P * B * vocab)))  # ~512 MB of fp32 logits per piece
     for a in range(L - 1, T - 1, piece):  # the last prefix token first: fast mode's one eviction happens there
@@ -306,7 +297,7 @@ def score(model, tokens, policies: Sequence[Policy | None], prefill: str = "exac
     budgets (see RowPolicies)."""
     tokens = _as_batch(tokens)
     T = tokens.shape[1]
-    prompt = _check_run(prefill, prompt, T)
+    prompt = check_run(prefill, prompt, T)
     for p in policies:
         if p is not None and not isinstance(p, Policy):
             raise InputError(f"policy must be a msrnn.policies.Policy or None (full), got {type(p).__name__}; "
@@ -361,430 +352,3 @@ def pick_chunks(ids: Sequence[int], context: int, chunks: int) -> tuple[torch.Te
     index = [int((i + 0.5) * total / n) for i in range(n)]
     data = torch.tensor(ids[: total * context], dtype=torch.long).view(total, context)
     return data[index], index
-
-
-# --- msrnn eval ppl: the grid, resumable ---------------------------------------------------------------------------
-RESULTS = "results.jsonl"
-
-
-def _record(path: Path, record: dict) -> None:
-    """Append one finished unit to the results file (flushed: an interrupted run keeps it)."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _load_results(path: Path, settings: dict, resume: bool,
-                  key: Callable[[dict], tuple] = lambda u: (u["policy"], _budget_key(u["states"]), u["batch"]),
-                  problem: Callable[[dict], str | None] | None = None) -> dict[tuple, dict]:
-    """Finished units {key(unit): unit} ({(policy, states, batch): sums} for eval ppl) from a previous run with the
-    same settings (--resume), else a fresh file holding the settings."""
-    if resume and path.is_file():
-        lines = [_parse(line) for line in path.read_text().splitlines()]
-        lines = [line for line in lines if line is not None]  # a line cut short by a kill is not a finished unit
-        old = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
-        if not isinstance(old, dict):
-            raise InputError(f"--resume: {path} does not start with the settings line msrnn writes; it is not a "
-                             "results file of `msrnn eval ppl`. Drop --resume (or choose another --out) to start again.")
-        diff = [f"{k} {settings[k]!r} (was {old.get(k)!r})" for k in settings if old.get(k) != settings[k]]
-        if diff:
-            raise InputError(f"--resume: {path} was made with other settings: {'; '.join(diff)}. Rerun with the "
-                             "same settings, or drop --resume (or choose another --out) to start again.")
-        for i, unit in enumerate(lines[1:], start=2):
-            if wrong := (problem or unit_problem)(unit):
-                raise InputError(f"--resume: unit {i} of {path} is not one msrnn wrote ({wrong}); delete that line "
-                                 "(its cell is then computed again) or drop --resume to start afresh.")
-        return {key(u): u for u in lines[1:]}
-    if path.is_file():
-        print(f"msrnn: starting afresh: replacing {path} (use --resume to continue it)", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"settings": settings}) + "\n")
-    return {}
-
-
-def unit_problem(u) -> str | None:
-    """What is wrong with one unit read back from a results file, if anything: the keys `sums()` writes, with
-    counts that are non-negative integers, sums that are finite numbers, and per-chunk lists that add up."""
-    def is_int(x, lo=0):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= lo
-
-    def is_number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if not isinstance(u, dict):
-        return f"a JSON {type(u).__name__}, not an object"
-    states = u.get("states", 0)
-    per_layer = isinstance(states, list) and states and all(is_int(k, 1) for k in states)
-    if not isinstance(u.get("policy"), str) or not (states is None or is_int(states, 1) or per_layer) \
-            or not is_int(u.get("batch")):
-        return "policy, states or batch missing or of the wrong type"
-    if not is_int(u.get("tokens"), 1) or not is_int(u.get("agree")) or u["agree"] > u["tokens"] \
-            or not all(is_number(u.get(k)) for k in ("loss", "kl")):
-        return "tokens, agree, loss or kl missing, negative or not finite"
-    chunks = [u.get(k) for k in ("chunk_tokens", "chunk_loss", "chunk_agree", "chunk_kl")]
-    if any(c is not None for c in chunks) and (
-            not all(isinstance(c, list) and len(c) == len(chunks[0]) and all(map(is_number, c)) for c in chunks)
-            or sum(chunks[0]) != u["tokens"]):
-        return "its per-chunk lists are missing, of different lengths, or do not add up to its tokens"
-    return None
-
-
-def _parse(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def _parse_grid(policies: str, states: str, positions: str | None = None,
-                compare: str | None = None) -> tuple[list[str], list[int]]:
-    names = [p.strip() for p in re.split(r",(?![^(]*\))", policies) if p.strip()]  # commas outside (...)
-    if compare is not None and (compare == "full" or compare not in names):
-        raise InputError(f"--compare {compare}: name one of the bounded policies of --policies "
-                         f"({', '.join(n for n in names if n != 'full')}), written as there.")
-    if not names:
-        raise InputError(f"--policies: none given; choose from {', '.join(POLICIES)} or path/to/file.py:ClassName.")
-    budgets = parse_budgets(states)
-    for name in names:  # a policy file runs here, once everything else has been checked
-        policy_class(parse_spec(name)[0])  # a clear error for an unknown name or a bad file:Class, before any run
-    for name in names:  # every policy accepts every budget (clear error now, not after an hour)
-        for k in budgets:
-            make_policy(name, k, positions)
-    return list(dict.fromkeys(names)), budgets
-
-
-def parse_budgets(states: str) -> list:
-    """--states of a grid as typed: "64,128" or "64,[96,64,32]" (one budget per layer in brackets, layer 0 first)
-    -> the distinct budgets, smallest mean first: ints, or tuples of per-layer budgets (`_budget_key`)."""
-    items = [s for s in re.split(r",(?![^\[]*\])", str(states)) if s.strip()]  # commas outside [...]
-    try:
-        budgets = [_budget_key(parse_states(s)) for s in items]  # 256, or (96, 64, 32): one per layer
-    except InputError:
-        raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512, or budgets per "
-                         "layer in brackets, layer 0 first, e.g. 64,[96,64,32].") from None
-    if not budgets or min(min(k) if isinstance(k, tuple) else k for k in budgets) < 1:
-        raise InputError(f"--states {states!r}: give positive budgets, e.g. 64,128,256,512.")
-    return sorted(set(budgets), key=lambda k: (_mean(k), str(k)))
-
-
-def _budget_key(k):
-    """A budget as a grid key: an int, None (full), or a tuple of per-layer budgets (a list in JSON)."""
-    return tuple(k) if isinstance(k, list) else k
-
-
-def _mean(k) -> float:
-    """The mean budget per layer: where a per-layer budget sits on the x axis (PyramidKV's k is its mean)."""
-    return sum(k) / len(k) if isinstance(k, tuple) else k
-
-
-def budget_label(k) -> str:
-    """A budget as the table's column head: 256, or [96,64,32] for one per layer."""
-    return "[" + ",".join(map(str, k)) + "]" if isinstance(k, tuple) else str(k)
-
-
-def check_layers(names: list[str], budgets: list, layers: int, positions: str | None = None) -> None:
-    """Budgets per layer of the grid against the model's depth: one clear error before any run."""
-    bounded = [name for name in names if name != "full"]
-    for k in budgets:
-        if isinstance(k, tuple) and bounded:  # PerLayer.at_layer says what is wrong (the count is the policy's)
-            layer_budgets(make_policy(bounded[0], list(k), positions), layers)
-
-
-def _todo(names: list[str], budgets: list[int], b: int, done: dict) -> list[tuple[str, int | None]]:
-    """The cells (policy, budget) of batch b that no finished unit holds yet; `full` has no budget."""
-    cells = [(name, None) if name == "full" else (name, k) for name in names for k in budgets]
-    return [cell for cell in dict.fromkeys(cells) if (*cell, b) not in done]
-
-
-def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], prefill: str, prompt: int, batch: int,
-             done: dict, record: Callable[[dict], None], bar=None, mine: Callable[[int], bool] = lambda b: True,
-             positions: str | None = None) -> dict:
-    """Every (policy, budget) cell on every chunk of `data` (n, T), `batch` chunks at a time, all cells of a batch
-    in one batch state; `done` units are skipped, and the new units of a batch are passed to `record` as soon as
-    the batch is finished (use --batch 1 to record after every chunk). Only batches b with mine(b) are run (one
-    process's share of a distributed run). Returns all units."""
-    done = dict(done)
-    for b, b0 in enumerate(range(0, len(data), batch)):
-        cells = _todo(names, budgets, b, done)
-        if not cells or not mine(b):
-            continue
-        tokens = data[b0 : b0 + batch]
-        results = score(model, tokens, [make_policy(p, k, positions)
-                                        for p, k in cells], prefill, prompt,
-                        Reference.compute(model, tokens, progress=bar.update if bar is not None else None),
-                        bar.update if bar is not None else None)
-        for (name, k), s in zip(cells, results):
-            unit = {"policy": name, "states": k, "batch": b, **s.sums()}
-            done[(name, k, b)] = unit
-            record(unit)
-    return done
-
-
-def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=lambda b: True, layers=None) -> int:
-    """Steps the remaining batches need (the progress bar's total): each batch's reference, T-1 tokens of the full
-    model, then its recurrent steps; with the model's `layers`, a policy whose budgets differ per layer (PyramidKV)
-    starts where its smallest layer budget ends."""
-    n, T = data_shape
-
-    def smallest(p, k):
-        if layers is None:
-            return min(k) if isinstance(k, tuple) else k
-        return smallest_budget(make_policy(p, k), layers)
-
-    starts = [[prefix_length(smallest(p, k), prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
-              for b in range(math.ceil(n / batch)) if mine(b)]
-    return sum(T - 1 + group_steps(T, min(s)) for s in starts if s)
-
-
-def summarize(units: dict, names: list[str], budgets: list[int], batches: int) -> list[dict]:
-    """Cells from units: sums over the batches of chunks -> ppl, top-1 agreement, mean KL, and a bootstrap 95 %
-    interval of the PPL over chunks (`ppl_low`, `ppl_high`; None from results files written before per-chunk sums)."""
-    cells = []
-    for name in names:
-        for k in [None] if name == "full" else budgets:
-            parts = [units[(name, k, b)] for b in range(batches)]
-            tokens = sum(u["tokens"] for u in parts)
-            loss = sum(u["loss"] for u in parts) / tokens
-            low = high = None
-            chunks = {}
-            if all("chunk_loss" in u for u in parts):  # per chunk, in the same order for every cell (paired)
-                chunks = {key: [x for u in parts for x in u[key]] for key in ("chunk_loss", "chunk_tokens")}
-                low, high = bootstrap_ppl(chunks["chunk_loss"], chunks["chunk_tokens"])
-            cells.append({"policy": name, "states": k, "tokens": tokens, "loss": loss, "ppl": math.exp(loss),
-                          "ppl_low": low, "ppl_high": high, "top1_agreement": sum(u["agree"] for u in parts) / tokens,
-                          "kl": sum(u["kl"] for u in parts) / tokens, **chunks})
-    return cells
-
-
-def paired(cells: list[dict], names: list[str], budgets: list[int], against: str, draws: int = 2000,
-           seed: int = 0) -> list[dict]:
-    """Each policy against `against` at the same budget, over the same chunks: the PPL ratio and the share of
-    `against`'s gap to the full model that the policy closes, (PPL_against - PPL) / (PPL_against - PPL_full), each
-    with a paired bootstrap 95 % interval (one draw of chunks serves all three PPLs). Per-cell intervals are wide
-    because chunks differ (some text is harder for every policy); paired over the same chunks, that shared part
-    cancels, which is what tells two policies apart."""
-    full = _cell(cells, "full", None)
-    rows = []
-    for name in names:
-        for k in budgets:
-            a, b = _cell(cells, name, k), _cell(cells, against, k)
-            if name in ("full", against) or not all("chunk_loss" in c for c in (a, b, full)):
-                continue
-            pick = _chunk_draws(len(a["chunk_loss"]), draws, seed)  # one draw of chunks for all three
-            ppl = [_resampled_ppl(c["chunk_loss"], c["chunk_tokens"], pick) for c in (a, b, full)]
-            ratio, closed = ppl[0] / ppl[1], (ppl[1] - ppl[0]) / (ppl[1] - ppl[2])
-            point = (a["ppl"] / b["ppl"], (b["ppl"] - a["ppl"]) / (b["ppl"] - full["ppl"]))
-            rows.append({"policy": name, "states": k, "against": against, "ratio": point[0],
-                         "ratio_low": float(ratio.quantile(0.025)), "ratio_high": float(ratio.quantile(0.975)),
-                         "gap_closed": point[1], "gap_closed_low": float(closed.nan_to_num().quantile(0.025)),
-                         "gap_closed_high": float(closed.nan_to_num().quantile(0.975))})
-    return rows
-
-
-def bootstrap_ppl(chunk_loss: Sequence[float], chunk_tokens: Sequence[int], draws: int = 2000,
-                  seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of PPL = exp(sum loss / sum tokens) over chunks: draw as many chunks as
-    there are, with replacement, `draws` times (seeded: the same numbers every run). Chunks, not tokens, are the
-    unit: tokens of one chunk share its text and are far from independent."""
-    ppl = _resampled_ppl(chunk_loss, chunk_tokens, _chunk_draws(len(chunk_loss), draws, seed))
-    return float(ppl.quantile(0.025)), float(ppl.quantile(0.975))
-
-
-def _chunk_draws(chunks: int, draws: int, seed: int) -> torch.Tensor:
-    """(draws, chunks) chunk indices drawn with replacement, seeded: the same numbers every run."""
-    return torch.randint(0, chunks, (draws, chunks), generator=torch.Generator().manual_seed(seed))
-
-
-def _resampled_ppl(chunk_loss: Sequence[float], chunk_tokens: Sequence[int], pick: torch.Tensor) -> torch.Tensor:
-    """(draws,) PPL of each draw of chunks: exp(sum loss / sum tokens) over the chunks it picked."""
-    loss = torch.tensor(chunk_loss, dtype=torch.float64)
-    tokens = torch.tensor(chunk_tokens, dtype=torch.float64)
-    return (loss[pick].sum(-1) / tokens[pick].sum(-1)).exp()
-
-
-def _cell(cells: list[dict], name: str, k: int | None) -> dict:
-    return next(c for c in cells if c["policy"] == name and c["states"] in (k, None))
-
-
-def markdown_tables(cells: list[dict], names: list[str], budgets: list[int], title: str,
-                    pairs: list[dict] = ()) -> str:
-    """The paper's Table 3 layout: rows = policies, columns = states per layer; `full` (unbounded) repeated in every
-    column as the reference. Then the same grid for top-1 agreement and KL(full || policy), and the paired
-    comparison with one policy (`paired`) if asked for."""
-    head = "| policy | " + " | ".join(map(budget_label, budgets)) + " |\n|---|" + "---:|" * len(budgets)
-    blocks = [f"# {title}"]
-    for label, key, fmt in (("Perplexity", "ppl", "{:.2f}"), ("Top-1 agreement with full (%)", "top1_agreement", None),
-                            ("Mean KL(full || policy) per token (nats)", "kl", "{:.4f}")):
-        rows = [f"| {name} | " + " | ".join(
-            (fmt.format(_cell(cells, name, k)[key]) if fmt else f"{100 * _cell(cells, name, k)[key]:.1f}")
-            for k in budgets) + " |" for name in names]
-        blocks.append(f"## {label}\n\n{head}\n" + "\n".join(rows))
-    if all(c.get("ppl_low") is not None for c in cells):
-        rows = [f"| {name} | " + " | ".join(
-            "{ppl_low:.2f}–{ppl_high:.2f}".format(**_cell(cells, name, k)) for k in budgets) + " |" for name in names]
-        blocks.insert(2, "## Perplexity: bootstrap 95 % interval over chunks\n\n" + head + "\n" + "\n".join(rows))
-    if pairs:
-        against = pairs[0]["against"]
-        cell = {(r["policy"], r["states"]): r for r in pairs}
-        for label, key, fmt in ((f"PPL / PPL of {against}, paired over the same chunks (bootstrap 95 %)", "ratio",
-                                 "{:.3f} [{:.3f}, {:.3f}]"),
-                                (f"Share of {against}'s gap to full closed, paired (bootstrap 95 %)", "gap_closed",
-                                 "{:.0%} [{:.0%}, {:.0%}]")):
-            rows = [f"| {name} | " + " | ".join(
-                fmt.format(*(cell[name, k][key + end] for end in ("", "_low", "_high"))) if (name, k) in cell else "–"
-                for k in budgets) + " |" for name in names if name not in ("full", against)]
-            blocks.append(f"## {label}\n\n{head}\n" + "\n".join(rows))
-    return "\n\n".join(blocks) + "\n"
-
-
-def plot_grid(cells: list[dict], names: list[str], budgets: list[int], path: Path, title: str) -> None:
-    """PNG: PPL vs states per layer (log-2 x axis), one line per policy (shaded: its bootstrap 95 % interval over
-    chunks), `full` as a horizontal reference."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        if name == "full":
-            full = _cell(cells, name, None)
-            ax.axhline(full["ppl"], color="black", ls="--", label="full (unbounded)")
-            if full.get("ppl_low") is not None:
-                ax.axhspan(full["ppl_low"], full["ppl_high"], color="black", alpha=0.06, lw=0)
-            continue
-        row = [_cell(cells, name, k) for k in budgets]
-        x = [_mean(k) for k in budgets]  # a budget per layer sits at its mean
-        (line,) = ax.plot(x, [c["ppl"] for c in row], "o-", label=name)
-        if all(c.get("ppl_low") is not None for c in row):  # the bootstrap interval over chunks, shaded
-            ax.fill_between(x, [c["ppl_low"] for c in row], [c["ppl_high"] for c in row],
-                            color=line.get_color(), alpha=0.15, lw=0)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    plain_log_axis(ax.yaxis)
-    ax.set_xticks([_mean(k) for k in budgets], [budget_label(k) for k in budgets])
-    ax.set(xlabel="states per layer (k)", ylabel="perplexity (log scale)", title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_ppl(args, load) -> None:
-    """`msrnn eval ppl`: the grid of args.policies x args.states; `load()` gives (model, tokenizer)."""
-    if args.batch is not None and args.batch < 1:
-        raise InputError(f"--batch {args.batch}: give a positive number of chunks per batch.")
-    text_path = Path(args.text)
-    text = read_text(text_path)
-    if args.context < 2 or args.chunks < 0:
-        raise InputError(f"--context {args.context} / --chunks {args.chunks}: give --context >= 2 (tokens per chunk) "
-                         "and --chunks >= 0 (0 = every chunk).")
-    prompt = _check_run(args.prefill, args.prompt, args.context)
-    compare = getattr(args, "compare", None)
-    names, budgets = _parse_grid(args.policies, args.states, args.positions, compare)  # last: it runs policy files
-    if "full" not in names:  # measured anyway (the reference for agreement and KL): always in the table
-        names = ["full", *names]
-    model, tokenizer = load()
-    check_layers(names, budgets, model.cfg.num_hidden_layers, args.positions)
-    ids = tokenizer.encode(text)
-    data, index = pick_chunks(ids, args.context, args.chunks)
-    batch = min(args.batch or DEFAULT_BATCH, len(data))
-    check_context(args.context, batch, model.cfg)
-    settings = {"model": model.identity, "dtype": args.dtype, "text": text_path.name,
-                "tokens_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "context": args.context,
-                "chunks": index, "prefill": args.prefill, "prompt": prompt, "batch": batch,
-                **({"positions": args.positions} if args.positions not in (None, "absolute") else {})}
-    out = Path(args.out or f"out/eval-{text_path.stem}")
-    results = out / RESULTS
-    rank, world = _distributed()
-    if rank == 0:
-        done = _load_results(results, settings, args.resume)
-    _barrier(world)
-    if rank:  # the file rank 0 has just started or checked
-        done = _load_results(results, settings, resume=True)
-    mine = lambda b: b % world == rank  # noqa: E731: batches are dealt out round-robin
-    total = grid_steps(data.shape, names, budgets, args.prefill, prompt, batch, done, mine,
-                       model.cfg.num_hidden_layers)
-    if rank == 0:
-        print(f"msrnn eval: {len(data)} chunks x {args.context} tokens of {text_path.name} (chunks {index} of "
-              f"{len(ids) // args.context}; {len(ids)} tokens), {args.prefill} prefill, prompt {prompt}, batch {batch}; "
-              f"{sum(1 for u in done if u[0] in names)} units already done"
-              + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
-    t0 = time.perf_counter()
-    with progress(total, "eval ppl" if world == 1 else f"eval ppl [{rank}]", disable=rank > 0) as bar:
-        try:
-            units = run_grid(model, data, names, budgets, args.prefill, prompt, batch, done,
-                             lambda unit: _record(results, unit), bar, mine, args.positions)
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"msrnn: interrupted; finished cells are kept in {results}: rerun with --resume to continue.",
-                  file=sys.stderr)
-            raise
-    _barrier(world)
-    if rank:
-        return
-    if world > 1:  # every process appended its units to the one results file
-        units = _load_results(results, settings, resume=True)
-    cells = summarize(units, names, budgets, math.ceil(len(data) / batch))
-    pairs = paired(cells, names, budgets, compare) if compare else []
-    title = (f"{text_path.name}: {len(data)} x {args.context} tokens, {args.prefill} prefill"
-             + (f", scored after a {prompt}-token prompt" if prompt else ""))
-    table = markdown_tables(cells, names, budgets, title, pairs)
-    (out / "table.md").write_text(table)
-    per_chunk = ("chunk_loss", "chunk_tokens")  # in results.jsonl already
-    write_csv(out / "table.csv", [{k: v for k, v in c.items() if k not in per_chunk} for c in cells])
-    (out / "results.json").write_text(json.dumps(
-        {"settings": settings, "cells": [{k: v for k, v in c.items() if k not in per_chunk} for c in cells],
-         "paired": pairs, "seconds_this_run": round(time.perf_counter() - t0, 1)}, indent=2))
-    plot_grid(cells, names, budgets, out / "ppl.png", title)
-    print(table)
-    print(f"wrote {out}/table.md, table.csv, results.json, ppl.png ({results} holds the raw units)")
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM this machine has (None where the OS does not say)."""
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_context(context: int, batch: int, cfg) -> None:
-    """Before a batch runs: a reference (B, T-1, V) fp32 larger than the machine's memory is refused; a context past
-    the model's trained length is said on stderr (the full model is then outside what it was trained on)."""
-    from .report import human_bytes
-
-    need = batch * (context - 1) * cfg.vocab_size * 4
-    ram = physical_memory()
-    if ram is not None and need > ram:
-        raise InputError(f"--context {context} with --batch {batch}: the full model's log-probabilities alone take "
-                         f"{human_bytes(need)} ({batch} x {context - 1} x {cfg.vocab_size} fp32), more than this "
-                         f"machine's {human_bytes(ram)}; give a smaller --batch or --context.")
-    limit = cfg.max_position_embeddings
-    if context > limit:
-        print(f"msrnn eval: --context {context} is past the model's trained context of {limit} tokens: the full "
-              f"model, every policy's reference, runs on positions it was never trained on, and its cost grows with "
-              f"the square of the context ({human_bytes(need)} of reference log-probabilities per batch); "
-              f"`msrnn eval stream` measures a bounded policy past the trained context.", file=sys.stderr)
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): (0, 1) alone; under torchrun (WORLD_SIZE > 1) a gloo process group is started. Only
-    barriers cross it (gloo does those whatever device the model runs on): the units travel through the one
-    results file, to which every process appends each finished unit as one line in one write."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-

@@ -175,13 +175,19 @@ class Transformer(nn.Module):
         Layer-major: each layer takes all T tokens before the next layer starts (see `scan` for why a bounded
         policy still evicts after every token). each_token=False evicts once per layer, after the T tokens."""
         self._check(tokens, state, policy)
-        B, T = tokens.shape
         scheme = getattr(policy, "positions", "absolute")
-        if "rebase" in ((scheme,) if isinstance(scheme, str) else scheme):
-            split = self._rebase(state, scheme, T)
-            if split:  # a rebase row reaches the trained context inside these tokens: renumber it right there
-                first = self._advance(tokens[:, :split], state, policy, each_token)
-                return torch.cat([first, self._advance(tokens[:, split:], state, policy, each_token)], dim=1)
+        if "rebase" not in ((scheme,) if isinstance(scheme, str) else scheme):
+            return self._through_layers(tokens, state, policy, each_token)
+        hidden = []
+        while tokens.shape[1]:  # a rebase row renumbers where it reaches the trained context, inside these tokens too
+            split = self._rebase(state, scheme, tokens.shape[1]) or tokens.shape[1]
+            hidden.append(self._through_layers(tokens[:, :split], state, policy, each_token))
+            tokens = tokens[:, split:]
+        return torch.cat(hidden, dim=1)
+
+    def _through_layers(self, tokens: torch.Tensor, state: State, policy: Policy | None, each_token: bool):
+        """_advance's T tokens through every layer, layer-major (no rebase inside them)."""
+        B, T = tokens.shape
         pos = state.next_pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) absolute positions
         cfg = self.cfg
         if policy is not None and policy.states is not None and each_token:
@@ -209,22 +215,28 @@ class Transformer(nn.Module):
         absolute positions, at the cost of one rotation of the state every few thousand tokens, and no query
         ever meets a key further back than the trained context (unless the budget itself is that large).
         Positions are rewritten: whatever reads them later (policies, the retention trace) sees the new ones.
-        Returns how many of the T new tokens to feed before a row reaches the limit (0: none does), so that the
-        caller splits there: where a rebase happens never depends on how the stream was cut into calls."""
+        Rows at the limit are renumbered now; returns how many of the T new tokens to feed before a row reaches
+        it (again), 0 if none does, so that the caller splits there: where a rebase happens never depends on how
+        the stream was cut into calls. (A budget that fills the trained context by itself renumbers before every
+        token, as stepping does.)"""
         per_row = [scheme] * state.batch_size if isinstance(scheme, str) else list(scheme)
         limit = self.cfg.max_position_embeddings
-        rows = torch.tensor([s == "rebase" for s in per_row], device=state.next_pos.device)
-        ahead = limit - state.next_pos[rows]  # (R,) tokens each rebase row may still take
-        inside = ahead[(ahead > 0) & (ahead < T)]
-        if len(inside):
-            return int(inside.min())
-        rows &= state.next_pos >= limit  # (B,) rows at the trained context
+        rebasing = torch.tensor([s == "rebase" for s in per_row], device=state.next_pos.device)  # (B,)
+
+        def split() -> int:  # the fewest tokens a rebase row may take before its next rebase, if fewer than T
+            ahead = (limit - state.next_pos[rebasing]).clamp(min=1)  # (R,) 1: renumbered, it is at the limit still
+            inside = ahead[ahead < T]
+            return int(inside.min()) if len(inside) else 0
+
+        rows = rebasing & (state.next_pos >= limit)  # (B,) rows at the trained context
         if not bool(rows.any()):
-            return 0
+            return split()
         inv_freq = inv_frequencies(self.cfg.rope, self.cfg.head_dim, limit).to(state.next_pos.device)  # unscaled
         top = torch.full_like(state.next_pos[rows], -1)  # (R,) the largest new position in any layer
         for layer in state.layers:
             n = layer.size
+            if n == 0:  # nothing held (the baseline has just dropped everything): nothing to renumber
+                continue
             old = layer.pos[rows, :, :n]  # (R, Hkv, n)
             held = old != EMPTY
             new = effective_positions(old, "shift").long().masked_fill(~held, EMPTY)  # (R, Hkv, n) ranks 0..
@@ -234,7 +246,7 @@ class Transformer(nn.Module):
             layer.pos[rows, :, :n] = new
             top = torch.maximum(top, new.flatten(1).amax(dim=1))
         state.next_pos[rows] = top + 1
-        return 0
+        return split()  # renumbered, a row may reach the limit again inside these T tokens (a small limit)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding matrix (int weights keep an int copy in lm_head instead)
@@ -331,3 +343,16 @@ class Transformer(nn.Module):
         if state.rope_at_use != rotates_at_use(getattr(policy, "positions", "absolute")):
             raise InputError("this state caches keys for another position scheme than the policy's; make the state "
                              "with model.init_state(batch_size, policy) for the policy you step with.")
+        if policy is not None and policy.states is not None:
+            self._check_head_budgets(policy)
+
+    def _check_head_budgets(self, policy: Policy) -> None:
+        """Budgets per kv head (Policy.per_head) must name each of this model's kv heads once."""
+        layers, Hkv = self.cfg.num_hidden_layers, self.cfg.num_key_value_heads
+        for i in range(layers):
+            bound = policy.at_layer(i, layers)
+            for heads in [m.heads for m in getattr(bound, "members", ())] + [bound.heads]:  # RowPolicies: its members
+                if heads is None or len(heads) == Hkv:
+                    continue
+                raise InputError(f"policy {policy.name!r}: layer {i} has {len(heads)} budgets per kv head, but this "
+                                 f"model has {Hkv} kv heads per layer; give {Hkv} budgets for each layer.")

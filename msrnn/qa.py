@@ -9,7 +9,7 @@ How a batch of trials of one shape (equal token counts) is answered, with the sh
 - Every bounded cell (policy, budget) is a block of rows in ONE batch state (RowPolicies): cells x trials rows,
   one prefill and one decoding step for all of them.
 - No budget evicts anything during the first k_min tokens of the context: they are one parallel prefill per kind
-  of running score (eval._prefix_state), shared by every cell. The rest of the context is read by the recurrence
+  of running score (eval.prefix_state), shared by every cell. The rest of the context is read by the recurrence
   (`--prefill exact`, the paper's setting) or, with `--prefill fast`, in the same parallel pass, compressed ONCE
   by the last context token's attention (kvpress' and the official TOVA code's usage). Either way the question
   comes after the compression: the policy cannot know what will be asked.
@@ -33,11 +33,14 @@ import torch
 
 from .batch import RowPolicies
 from .errors import InputError
-from .eval import _load_results, _parse_grid, _prefix_state, _record, RESULTS
+from .eval import prefix_state
 from .generate import decode_tokens, eos_ids
-from .policies import Policy, layer_budgets, make_policy
+from .grid import parse_grid
+from .policies import Policy, make_policy
 from .report import progress, pyplot, read_text, write_csv
-from .tasks import Trial, chat_parts, is_correct, needle_trial, recall_trial, wilson
+from .results import RESULTS, answer_unit_key, answer_unit_problem, load_results, record
+from .stats import wilson
+from .tasks import Trial, chat_parts, is_correct, needle_trial, recall_trial
 
 DEFAULT_TASK_POLICIES = "full,tova,h2o,window,sinks"
 
@@ -59,8 +62,8 @@ def _prefix(members: Sequence[Policy], context: int, prefill: str, layers: int |
     With the model's `layers`, a member with budgets per layer (PyramidKV) counts its smallest."""
     if prefill == "fast":  # the one eviction happens at the last context token
         return context - 1
-    least = [min(layer_budgets(m, layers)) if layers else min(m.states) if isinstance(m.states, list) else m.states
-             for m in members]
+    least = [min(m.at_layer(i, layers).min_budget() for i in range(layers)) if layers else m.min_budget()
+             for m in members]  # the smallest budget of any layer and kv head: no eviction before it
     return min(min(least), context)
 
 
@@ -95,7 +98,7 @@ def answer(model, trials: Sequence[Trial], policies: Sequence[Policy | None], pr
         else:
             policy = RowPolicies(members, B)  # rows member-major: member i owns rows i*B .. (i+1)*B - 1
             n = _prefix(members, context.shape[1], prefill, model.cfg.num_hidden_layers)
-            state = _prefix_state(model, context[:, :n], policy)
+            state = prefix_state(model, context[:, :n], policy)
             if n < context.shape[1]:
                 model.prefill(context[:, n:].repeat(P, 1), state, policy, mode=prefill, progress=progress)
         for j in range(len(trials[0].queries)):
@@ -125,24 +128,6 @@ def batches(trials: Sequence[Trial], size: int) -> list[list[Trial]]:
     return [group[a : a + size] for group in by_shape.values() for a in range(0, len(group), size)]
 
 
-def _unit_key(unit: dict) -> tuple:
-    return unit["policy"], unit["states"], unit["trial"]
-
-
-def _unit_problem(u) -> str | None:
-    """What is wrong with one answer unit read back under --resume, if anything (an edited results.jsonl)."""
-    if not isinstance(u, dict):
-        return f"a JSON {type(u).__name__}, not an object"
-    if not isinstance(u.get("policy"), str) or not (u.get("states") is None or isinstance(u.get("states"), int)) \
-            or not isinstance(u.get("trial"), (str, int)):
-        return "policy, states or trial missing or of the wrong type"
-    lists = [u.get(k) for k in ("answers", "expected", "correct")]
-    if not all(isinstance(x, list) and len(x) == len(lists[0]) for x in lists) \
-            or not all(isinstance(c, bool) for c in lists[2]):
-        return "answers, expected and correct must be lists of one length (correct: true/false)"
-    return None
-
-
 def _todo(cells, group: Sequence[Trial], done: dict) -> list[tuple[str, int | None]]:
     return [c for c in cells if any((*c, t.key) not in done for t in group)]
 
@@ -167,7 +152,7 @@ def run_grid(model, decode, trials: Sequence[Trial], cells, prefill: str, batch:
                 expected = [q.answer for q in trial.queries]
                 unit = {"policy": name, "states": k, "trial": trial.key, **trial.coords, "answers": texts,
                         "expected": expected, "correct": [is_correct(a, e) for a, e in zip(texts, expected)]}
-                done[_unit_key(unit)] = unit
+                done[answer_unit_key(unit)] = unit
                 record(unit)
     return done
 
@@ -218,7 +203,7 @@ def _cells(names: list[str], budgets: list[int]) -> list[tuple[str, int | None]]
 def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, what: str) -> tuple[list, dict]:
     """The shared part of both commands: the grid with a progress bar, resumable. Returns (cells, units)."""
     cells = _cells(names, budgets)
-    done = _load_results(out / RESULTS, settings, args.resume, key=_unit_key, problem=_unit_problem)
+    done = load_results(out / RESULTS, settings, args.resume, key=answer_unit_key, problem=answer_unit_problem)
     print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells (policy x budget, full once), "
           f"{args.prefill} prefill, batch "
           f"{args.batch}; {sum(1 for u in done if u[:2] in cells and u[2] in {t.key for t in trials})} "
@@ -230,7 +215,7 @@ def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, wh
     with progress(total, f"eval {what}", unit="tok") as bar:
         try:
             units = run_grid(model, decode, trials, cells, args.prefill, args.batch, done,
-                             lambda unit: _record(out / RESULTS, unit), args.positions, args.max_new_tokens, stop, bar)
+                             lambda unit: record(out / RESULTS, unit), args.positions, args.max_new_tokens, stop, bar)
         except KeyboardInterrupt:
             bar.close()
             print(f"msrnn: interrupted; finished answers are kept in {out / RESULTS}: rerun with --resume to "
@@ -248,7 +233,7 @@ def _grid(args) -> tuple[list[str], list[int]]:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
     if args.seeds < 1:
         raise InputError(f"--seeds {args.seeds}: give at least 1 trial per cell.")
-    names, budgets = _parse_grid(args.policies, args.states, args.positions)
+    names, budgets = parse_grid(args.policies, args.states, args.positions)
     if "full" not in names:  # the ceiling: always measured, always first
         names = ["full", *names]
     return ["full", *[n for n in names if n != "full"]], budgets

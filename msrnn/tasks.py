@@ -22,7 +22,6 @@ names another number first is wrong, one that adds words around the right number
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -179,16 +178,3 @@ def parse_number(text: str) -> str | None:
 def is_correct(answer: str, expected: str) -> bool:
     """Exact match of the answer's first number with the expected one (leading zeros count: "048" != "48")."""
     return parse_number(answer) == expected
-
-
-def wilson(correct: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (95 % for z = 1.96) of a success rate: unlike p +- z sqrt(p(1-p)/n) it stays inside
-    [0, 1] and is not empty at 0/n or n/n, the usual outcomes of small cells."""
-    if trials == 0:
-        return 0.0, 1.0
-    p, z2 = correct / trials, z * z
-    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
-    low = 0.0 if correct == 0 else max(0.0, centre - half)  # exactly 0 and 1 at the ends (rounding aside)
-    high = 1.0 if correct == trials else min(1.0, centre + half)
-    return low, high

@@ -70,8 +70,10 @@ def test_the_derivation_points_at_the_code():
     refs = {f"{file}::{symbol}" for file, symbol in references(DOCS / "derivation.md")}
     for needed in ("msrnn/model.py::Block.forward", "msrnn/attention.py::attention_probs", "msrnn/attention.py::scan",
                    "msrnn/state.py::LayerState.drop_lowest", "msrnn/state.py::LayerState.compact",
-                   "msrnn/policies.py::TOVA.priority", "msrnn/policies.py::Window.priority",
-                   "msrnn/policies.py::H2O.update", "msrnn/policies.py::H2O.priority"):
+                   "msrnn/policies/paper.py::TOVA.priority", "msrnn/policies/paper.py::Window.priority",
+                   "msrnn/policies/paper.py::H2O.update", "msrnn/policies/paper.py::H2O.priority",
+                   "msrnn/reference.py::Reference.attend", "msrnn/reference.py::Reference.evict",
+                   "msrnn/reference.py::Reference.step"):
         assert needed in refs
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import msrnn
 import msrnn.eval as ev
+import msrnn.ppl as eval_ppl
 from msrnn.cli import main
 from msrnn.policies import make_policy
 from tiny import hf_model, save
@@ -149,7 +150,7 @@ def test_eval_ppl_writes_table_csv_json_png(checkpoint, text_file, tmp_path, cap
     printed = capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
     assert table in printed and "| policy | 6 | 12 |" in table
-    for name in ev.DEFAULT_POLICIES.split(","):
+    for name in eval_ppl.DEFAULT_POLICIES.split(","):
         assert f"| {name} |" in table
     with (tmp_path / "table.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -189,7 +190,7 @@ def test_compare_pairs_every_policy_with_one_over_the_same_chunks(checkpoint, te
 
 def test_interrupted_run_resumes_to_the_same_table(checkpoint, text_file, tmp_path, monkeypatch, capsys):
     assert main(ppl_args(checkpoint, text_file, tmp_path / "whole")) == 0
-    record, calls = ev._record, []
+    record, calls = eval_ppl.record, []
 
     def interrupt_after_five(path, unit):
         record(path, unit)
@@ -197,12 +198,12 @@ def test_interrupted_run_resumes_to_the_same_table(checkpoint, text_file, tmp_pa
         if len(calls) == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev, "_record", interrupt_after_five)
+    monkeypatch.setattr(eval_ppl, "record", interrupt_after_five)
     with pytest.raises(SystemExit) as stop:
         main(ppl_args(checkpoint, text_file, tmp_path / "cut"))
     assert stop.value.code == 130 and "--resume" in capsys.readouterr().err
     assert len((tmp_path / "cut" / "results.jsonl").read_text().splitlines()) == 1 + 5  # settings + finished units
-    monkeypatch.setattr(ev, "_record", record)
+    monkeypatch.setattr(eval_ppl, "record", record)
     assert main(ppl_args(checkpoint, text_file, tmp_path / "cut", "--resume")) == 0
     assert (tmp_path / "cut" / "table.md").read_text() == (tmp_path / "whole" / "table.md").read_text()
     with pytest.raises(SystemExit) as stop:  # other settings: one clear error, nothing overwritten
@@ -298,7 +299,7 @@ def test_a_context_past_the_trained_length_is_said_and_the_bar_counts_the_refere
         def close(self):
             pass
 
-    monkeypatch.setattr(ev, "progress", Bar)
+    monkeypatch.setattr(eval_ppl, "progress", Bar)
     assert main(["eval", "ppl", "--text", str(text_file), "--model", str(checkpoint), "--policies", "tova",
                  "--states", "6", "--context", "100", "--chunks", "1", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
@@ -310,7 +311,7 @@ def test_a_context_past_the_trained_length_is_said_and_the_bar_counts_the_refere
 
 def test_a_reference_larger_than_the_memory_is_refused_before_it_runs(checkpoint, text_file, tmp_path, monkeypatch,
                                                                      capsys):
-    monkeypatch.setattr(ev, "physical_memory", lambda: 10_000)  # bytes: less than 1 x 199 x 97 x 4
+    monkeypatch.setattr(eval_ppl, "physical_memory", lambda: 10_000)  # bytes: less than 1 x 199 x 97 x 4
     with pytest.raises(SystemExit) as stop:
         main(["eval", "ppl", "--text", str(text_file), "--model", str(checkpoint), "--policies", "tova",
               "--states", "6", "--context", "100", "--chunks", "1", "--out", str(tmp_path)])

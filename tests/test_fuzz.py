@@ -27,15 +27,17 @@ from gguf import GGMLQuantizationType as Q, GGUFValueType as T  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from msrnn import eval as ev  # noqa: E402
+from msrnn import results as results_file  # noqa: E402
 from msrnn.config import Config  # noqa: E402
 from msrnn.errors import CheckpointError, ConfigError, InputError, MsrnnError  # noqa: E402
-from msrnn.gguf import _GLOBAL_NAMES, _LAYER_NAMES, read_gguf, supported_types  # noqa: E402
+from msrnn.gguf import read_gguf  # noqa: E402
+from msrnn.gguf_check import GLOBAL_NAMES, LAYER_NAMES, supported_types  # noqa: E402
 from msrnn.policies import make_policy  # noqa: E402
 from msrnn.state import State  # noqa: E402
 from msrnn.template import render  # noqa: E402
+from msrnn.tensors import expected_shapes  # noqa: E402
 from msrnn.tokenizer import Tokenizer  # noqa: E402
-from msrnn.weights import expected_shapes, load_model  # noqa: E402
+from msrnn.weights import load_model  # noqa: E402
 
 # 30 examples per property keeps the module at seconds; MSRNN_FUZZ_EXAMPLES=1000 searches harder.
 FUZZ = settings(max_examples=int(os.environ.get("MSRNN_FUZZ_EXAMPLES", 30)), deadline=None,
@@ -202,9 +204,9 @@ def test_fuzz_safetensors_header(root, checkpoint, reference, data, how):
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------------------
-GGUF_NAMES = {hf: name for name, hf in _GLOBAL_NAMES.items()}
+GGUF_NAMES = {hf: name for name, hf in GLOBAL_NAMES.items()}
 GGUF_NAMES.update({f"model.layers.{n}.{hf}.weight": f"blk.{n}.{ll}.weight" for n in range(2)
-                   for ll, hf in _LAYER_NAMES.items()})
+                   for ll, hf in LAYER_NAMES.items()})
 VOCAB = ["a", "b", "c", "ab", "bc", "abc", "<s>", "</s>"] + [f"t{i}" for i in range(32)]  # 40 tokens
 MERGES = ["a b", "b c", "ab c"]
 
@@ -374,9 +376,9 @@ def test_fuzz_results_jsonl(root, data, how):
         text = text[:data.draw(st.integers(0, len(text)))]
     path = fresh(root, ".jsonl")
     path.write_text(text)
-    units = outcome(lambda: ev._load_results(path, SETTINGS, resume=True))
+    units = outcome(lambda: results_file.load_results(path, SETTINGS, resume=True))
     if units:  # what is accepted adds up
-        assert all(ev.unit_problem(u) is None for u in units.values())
+        assert all(results_file.unit_problem(u) is None for u in units.values())
 
 
 # --- one named test per kind of problem -------------------------------------------------------------------------
@@ -561,9 +563,9 @@ def test_edited_results_file_refused_on_resume(tmp_path):
     path = tmp_path / "results.jsonl"
     bad = dict(UNITS[1], tokens=-3)
     path.write_text("\n".join(json.dumps(x) for x in [{"settings": SETTINGS}, UNITS[0], bad]) + "\n")
-    refused(InputError, "unit 3 of .*results.jsonl is not one msrnn wrote", lambda: ev._load_results(path, SETTINGS, True))
+    refused(InputError, "unit 3 of .*results.jsonl is not one msrnn wrote", lambda: results_file.load_results(path, SETTINGS, True))
     path.write_text('[1, 2]\n')
-    refused(InputError, "does not start with the settings line", lambda: ev._load_results(path, SETTINGS, True))
+    refused(InputError, "does not start with the settings line", lambda: results_file.load_results(path, SETTINGS, True))
 
 
 # --- the command line: everything else is checked before a policy file runs ------------------------------------

@@ -10,7 +10,8 @@ import torch
 
 import msrnn
 from msrnn.errors import InputError
-from msrnn.eval import _parse_grid, check_layers, perplexity
+from msrnn.eval import perplexity
+from msrnn.grid import check_layers, parse_grid
 from msrnn.policies import INF, KeyDiff, PerLayer, PyramidKV, SnapKV, TOVA, layer_budgets, make_policy, parse_states
 from test_eval import checkpoint, ppl_args, text_file  # noqa: F401 (fixtures of the tiny eval checkpoint)
 from tiny import hf_model, save
@@ -79,6 +80,9 @@ def test_per_layer_list_makes_one_policy_per_layer():
     assert isinstance(p, PerLayer) and p.states == [8, 6, 4, 2] and p.keeps_score and p.name == "h2o"
     assert [m.recent for m in p.members] == [4, 3, 2, 1]  # each member built with its own k (recent = k // 2)
     assert layer_budgets(p, 4) == [8, 6, 4, 2] and layer_budgets(TOVA(5), 3) == [5, 5, 5]
+    for states in ([8, 6], [[8, 4], [6, 6]]):  # a position scheme reaches every member (it was a TypeError)
+        p = make_policy("tova", states, positions="shift")
+        assert p.positions == "shift" and {m.positions for m in p.members} == {"shift"}
 
 
 @pytest.mark.parametrize("name", ["tova", "h2o", "sinks(sinks=1)"])
@@ -165,14 +169,14 @@ def test_bad_per_layer_lists_are_refused(bad):
 
 def test_bad_lists_in_the_grid_and_in_make_policy():
     with pytest.raises(InputError, match="--states"):
-        _parse_grid("tova", "64,[8,x]")
+        parse_grid("tova", "64,[8,x]")
     with pytest.raises(InputError, match="--states"):
-        _parse_grid("tova", "64,[8,0]")
+        parse_grid("tova", "64,[8,0]")
     with pytest.raises(InputError, match="whole numbers"):
         make_policy("tova", [8, 2.5])
     with pytest.raises(InputError, match="sinks"):  # each layer's budget is checked by the policy itself
         make_policy("sinks", [8, 4])
-    names, budgets = _parse_grid("tova,pyramidkv", "128,64,[96,64,32],[8,8,8]")
+    names, budgets = parse_grid("tova,pyramidkv", "128,64,[96,64,32],[8,8,8]")
     assert budgets == [(8, 8, 8), (96, 64, 32), 64, 128]  # sorted by mean budget
     assert parse_states("[96, 64,32]") == [96, 64, 32] and parse_states(" 256 ") == 256
 

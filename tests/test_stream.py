@@ -88,6 +88,33 @@ def test_rebase_keeps_every_position_inside_the_trained_context(model):
     assert renumbered == (300 - 64) // (64 - 8) + 1  # every 56 tokens once the first 64 are read
 
 
+def test_a_prefill_chunk_that_reaches_the_trained_context_twice_rebases_twice(model):
+    # the chunk of 60 tokens starts at the limit (64): rebased, the state holds 8 and the stream goes on from 8, so
+    # the same chunk reaches the limit again after 56 tokens and must be split there, as stepping does
+    text, policy = ids(124), make_policy("tova", 8, "rebase")
+    logits, state = model.prefill(text[None], None, policy, all_logits=True, chunk=64)
+    ref_state = model.init_state(1, policy)
+    stepped = torch.stack([model.step(t[None], ref_state, policy)[0][0] for t in text])
+    torch.testing.assert_close(logits[0], stepped, rtol=0, atol=TOL)
+    assert int(state.next_pos) == int(ref_state.next_pos) <= model.cfg.max_position_embeddings
+    # a budget that fills the context by itself (70 > 64) renumbers before every token once full, as stepping does
+    text, policy = ids(80), make_policy("sinks", 70, "rebase")
+    logits, state = model.prefill(text[None], None, policy, all_logits=True, chunk=32)
+    ref_state = model.init_state(1, policy)
+    stepped = torch.stack([model.step(t[None], ref_state, policy)[0][0] for t in text])
+    torch.testing.assert_close(logits[0], stepped, rtol=0, atol=TOL)
+    assert int(state.next_pos) == int(ref_state.next_pos)
+
+
+def test_rebase_reaches_the_trained_context_with_nothing_held(model):
+    # baseline(1) holds nothing after every second token: at the limit (64) there is nothing to renumber
+    text, policy = ids(70), make_policy("baseline", 1, "rebase")
+    state = model.init_state(1, policy)
+    for token in text:
+        model.step(token[None], state, policy)
+    assert int(state.next_pos) < model.cfg.max_position_embeddings
+
+
 def test_rebase_changes_nothing_for_a_window(model):
     # a window holds consecutive tokens, so renumbering them 0..k-1 keeps every distance: RoPE sees the same thing
     text = ids(200)

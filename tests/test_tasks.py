@@ -16,8 +16,8 @@ import msrnn.qa as qa
 from msrnn.cli import main
 from msrnn.generate import generate
 from msrnn.policies import make_policy
-from msrnn.tasks import (NEEDLE, Trial, chat_parts, is_correct, needle_trial, parse_number, recall_trial,
-                         wilson)
+from msrnn.stats import wilson
+from msrnn.tasks import NEEDLE, Trial, chat_parts, is_correct, needle_trial, parse_number, recall_trial
 from tiny import hf_model, save
 
 CHARS = ["[UNK]", "\n"] + [chr(c) for c in range(32, 127)]  # 97 ids = the tiny model's vocabulary; "~" (96) ends
@@ -228,7 +228,7 @@ def test_eval_needle_writes_tables_figures_and_resumes(checkpoint, book, tmp_pat
     units = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()[1:]]
     assert len(units) == 5 * 8 and {len(u["answers"]) for u in units} == {1}
 
-    record, calls = qa._record, []
+    record, calls = qa.record, []
 
     def interrupt_after_seven(path, unit):
         record(path, unit)
@@ -236,11 +236,11 @@ def test_eval_needle_writes_tables_figures_and_resumes(checkpoint, book, tmp_pat
         if len(calls) == 7:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(qa, "_record", interrupt_after_seven)
+    monkeypatch.setattr(qa, "record", interrupt_after_seven)
     with pytest.raises(SystemExit) as stop:
         main(needle_args(checkpoint, book, tmp_path / "cut"))
     assert stop.value.code == 130 and "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(qa, "_record", record)
+    monkeypatch.setattr(qa, "record", record)
     assert main(needle_args(checkpoint, book, tmp_path / "cut", "--resume")) == 0
     assert "7 answers already done" in capsys.readouterr().err
     assert (tmp_path / "cut" / "table.md").read_text() == table

@@ -1,0 +1,128 @@
+"""Memory beyond recency: retrieval heads and streaming heads, each kv head with its own budget.
+
+A policy that evicts alike in every head (TOVA, H2O, sinks) keeps what is *recent*: asked at 2,048 tokens for a
+number read 1,500 tokens back, every such policy at 256 states per layer loses it (docs/results/needle). But few
+heads fetch from far back; the rest read the first tokens and the recent ones (DuoAttention, Xiao et al. 2024,
+arXiv 2410.10819; RazorAttention, Tang et al. 2024). Give the few a large share of the same memory:
+
+    N kv heads, mean budget k (what the user pays: the bytes of k states in every head)
+    streaming head:  s   = k * stream                     sinks + the most recent states (StreamingLLM)
+    retrieval head:  k_r = (N k - (N - R) s) / R          the rest, shared by the R heads ranked first
+    R                = floor(N (k - s) / (ratio k - s))   so that k_r >= ratio * k  (ratio 8: at 1/8 of a stream,
+                                                          a retrieval head holds all of it)
+
+which heads retrieve is measured once per model by `msrnn calibrate` (msrnn/calibrate.py) and read from its
+file; the bundled SmolLM2's calibration ships in msrnn/calibrations/. A retrieval head that must still evict
+(a stream longer than k_r) ranks its states as tova-head does, by the attention of its own query heads, and keeps
+the first `sinks` tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .base import INF, Policy, per_kv_head, whole
+
+BUNDLED = Path(__file__).resolve().parent.parent / "calibrations" / "smollm2-135m-instruct.json"
+
+
+def read_calibration(path: str | Path | None = None) -> dict:
+    """A calibration file of `msrnn calibrate` (None: the bundled model's): its `ranking`, [[layer, head], ...]
+    most needed first, and `layers`, `kv_heads`."""
+    path = Path(path) if path is not None else BUNDLED
+    if not path.is_file():
+        raise InputError(f"calibration file {path} does not exist; make one with `msrnn calibrate --model ... "
+                         "--out DIR` and give retrieval(calibration='DIR/calibration.json').")
+    try:
+        cal = json.loads(path.read_text())
+        layers, heads, ranking = int(cal["layers"]), int(cal["kv_heads"]), [tuple(map(int, x)) for x in cal["ranking"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a msrnn calibration file ({type(e).__name__}: {e}).") from None
+    if sorted(ranking) != [(i, h) for i in range(layers) for h in range(heads)]:
+        raise InputError(f"{path}: its ranking must name every (layer, kv head) of {layers} x {heads} once.")
+    return {**cal, "ranking": ranking, "layers": layers, "kv_heads": heads, "path": str(path)}
+
+
+def head_budgets(ranking, layers: int, kv_heads: int, k: int, ratio: float, stream: float, sinks: int):
+    """([[k_00, k_01, ...], ...], the R retrieval heads [(layer, head), ...]): the R heads ranked first get k_r,
+    the others s, the budgets summing to N k (see the module)."""
+    N = layers * kv_heads
+    s = max(round(k * stream), sinks + 1)
+    if s > k:
+        raise InputError(f"retrieval: states={k} leaves no room for {sinks} sinks and a recent window in the "
+                         f"streaming heads; give states > {sinks + 1}.")
+    R = max(1, min(N, math.floor(N * (k - s) / (ratio * k - s)) if ratio * k > s else N))
+    total = N * k - (N - R) * s  # what the retrieval heads share
+    budgets = [[s] * kv_heads for _ in range(layers)]
+    for j, (i, h) in enumerate(ranking[:R]):
+        budgets[i][h] = total // R + (1 if j < total % R else 0)  # whole states, the same total
+    return budgets, ranking[:R]
+
+
+class HeadMix(Policy):
+    """One layer's heads, each its own budget: `retrieval` heads rank by their own query heads' attention (tova-head)
+    and the others keep the most recent states; both keep the first `sinks` tokens."""
+
+    name = "retrieval"
+    drops = False
+
+    def __init__(self, budgets, retrieval, sinks: int = 4, positions: str = "absolute"):
+        super().__init__(min(budgets), positions)
+        self.heads, self.states, self.sinks = tuple(budgets), max(budgets), sinks
+        self._retrieval = torch.tensor(retrieval, dtype=torch.bool)[None, :, None]  # (1, Hkv, 1)
+
+    def priority(self, attn, pos, score):
+        attention = per_kv_head(attn, pos.shape[1]).mean(dim=2)  # (B, Hkv, n) tova-head: each head's own queries
+        recency = pos.to(attention.dtype)  # (B, Hkv, n) newer = higher
+        prio = torch.where(self._retrieval.to(pos.device), attention, recency)
+        return prio.masked_fill(pos < self.sinks, INF)  # (B, Hkv, n)
+
+    def __repr__(self) -> str:
+        return f"HeadMix(heads={list(self.heads)}, retrieval={self._retrieval.flatten().tolist()})"
+
+
+class Retrieval(Policy):
+    """Retrieval heads get a large share of the memory, the other heads sinks + recent states (see the module):
+    `states` is the mean budget per kv head. calibration: a file of `msrnn calibrate` (default: the bundled
+    SmolLM2's); ratio: a retrieval head's budget in units of k; stream: a streaming head's budget in units of k."""
+
+    name = "retrieval"
+    drops = False
+    min_states = 2
+
+    def __init__(self, states: int, calibration: str | None = None, ratio: float = 8, stream: float = 0.25,
+                 sinks: int = 4, positions: str = "absolute"):
+        super().__init__(states, positions)
+        for key, value, low in (("ratio", ratio, 1), ("stream", stream, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or \
+                    (key == "stream" and value >= 1):
+                raise InputError(f"retrieval: {key}={value!r} must be a number {'> 1' if key == 'ratio' else 'in (0, 1)'}.")
+        self.sinks = whole(self.name, "sinks", sinks)
+        self.cal, self.ratio, self.stream = read_calibration(calibration), float(ratio), float(stream)
+        self.budgets, self.retrieval = head_budgets(self.cal["ranking"], self.cal["layers"], self.cal["kv_heads"],
+                                                    states, self.ratio, self.stream, self.sinks)
+        self.members = [HeadMix(b, [(i, h) in self.retrieval for h in range(len(b))], self.sinks, positions)
+                        for i, b in enumerate(self.budgets)]
+
+    def at_layer(self, layer, layers):
+        if layers != len(self.members):
+            raise InputError(f"retrieval: the calibration {self.cal['path']} is of a model of {len(self.members)} "
+                             f"layers, not {layers}; calibrate this model (msrnn calibrate) and give "
+                             "retrieval(calibration='...json').")
+        return self.members[layer]
+
+    def min_budget(self) -> int:
+        return min(map(min, self.budgets))
+
+    def budget(self):
+        raise InputError("a retrieval policy has budgets per layer and kv head; bind a layer with at_layer.")
+
+    def priority(self, attn, pos, score):
+        raise InputError("a retrieval policy decides per layer; bind a layer with at_layer(layer, layers).")
+
+    def __repr__(self) -> str:
+        return f"Retrieval(states={self.states}, ratio={self.ratio}, stream={self.stream}, sinks={self.sinks})"
