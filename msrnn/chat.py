@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generate import (_pieces, check_generation, check_sampling, check_settings, describe_state, generate,
-                       resolve_policy, sampling_settings, write_stream)
+from .generate import (check_generation, check_sampling, check_settings, describe_state, generate, resolve_policy,
+                       sampling_settings, text_pieces, write_stream)
 from .policies import Policy
 
 CHAT_DEFAULT_POLICY, CHAT_DEFAULT_STATES = "tova", 512
@@ -149,7 +149,7 @@ class ChatSession:
                 pending.clear()  # resumed: generation feeds it before the next token
 
         answer, complete = [], False
-        pieces = _pieces(tokens(), self.tokenizer, 1, False, tuple(self.sampling.get("stop", ())))
+        pieces = text_pieces(tokens(), self.tokenizer, 1, False, tuple(self.sampling.get("stop", ())))
         try:
             for piece in pieces:
                 answer.append(piece)

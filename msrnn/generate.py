@@ -241,7 +241,7 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
     tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop_ids, state, progress)
     if not text and stop:
         raise InputError("stop strings are matched in the text: give text=True with stop=..., or match them yourself.")
-    return _pieces(tokens, tokenizer if text else None, len(rows), batched, tuple(stop))
+    return text_pieces(tokens, tokenizer if text else None, len(rows), batched, tuple(stop))
 
 
 def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progress) -> Iterator[tuple[int, int]]:
@@ -263,7 +263,7 @@ def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progre
             yield row, int(tokens[row])
 
 
-def _pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool, stop: tuple = ()) -> Iterator:
+def text_pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool, stop: tuple = ()) -> Iterator:
     """Turn (row, id) into text pieces with one incremental decoder per row (a character may span tokens). With
     stop strings, text that could be the start of one is held back until it is known not to be; a row ends at the
     first stop string, and generation ends when every row has."""

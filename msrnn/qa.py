@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -205,9 +206,9 @@ def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, wh
     cells = _cells(names, budgets)
     done = load_results(out / RESULTS, settings, args.resume, key=answer_unit_key, problem=answer_unit_problem)
     print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells (policy x budget, full once), "
-          f"{args.prefill} prefill, batch "
-          f"{args.batch}; {sum(1 for u in done if u[:2] in cells and u[2] in {t.key for t in trials})} "
-          "answers already done", file=sys.stderr)
+          f"{args.prefill} prefill, batch {args.batch}; "
+          f"{sum(1 for u in done if u[:2] in cells and u[2] in {t.key for t in trials})} answers already done",
+          file=sys.stderr)
     stop = eos_ids(model, tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -354,19 +355,10 @@ def run_recall(args, load) -> None:
     print(f"wrote {out}/table.md, cells.csv, results.json, recall.png ({out / RESULTS} holds every answer)")
 
 
-def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], path: Path,
-                title: str) -> None:
-    """Accuracy vs number of pairs, one panel per budget, one line per policy (bars: Wilson 95 %); full dashed."""
-    fig = recall_figure(rows, names, budgets, pairs, title)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-
-
-def recall_figure(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], title: str):
-    """The figure of plot_recall: the title wrapped to the figure's width, the legend below the panels (off the
-    data)."""
-    import textwrap
-
+def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], path: Path | None,
+                title: str):
+    """Accuracy vs number of pairs, one panel per budget, one line per policy (bars: Wilson 95 %); full dashed. The
+    title wraps to the figure's width; the legend sits below the panels. path None: the figure is returned."""
     plt = pyplot()
     width = 1.5 + 3.6 * len(budgets)
     fig, axes = plt.subplots(1, len(budgets), figsize=(width, 3.8), sharey=True, squeeze=False)
@@ -390,7 +382,10 @@ def recall_figure(rows: list[dict], names: list[str], budgets: list[int], pairs:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 12))), fontsize=9)  # ~12 characters an inch at 9 pt
     fig.tight_layout(rect=(0, 0.1, 1, 1))  # the bottom tenth holds the legend
-    return fig
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --- which layers dropped the needle ------------------------------------------------------------------------------

@@ -289,12 +289,12 @@ def test_bad_options_are_one_line_errors_before_loading(checkpoint, book, capsys
 def test_the_recall_figure_keeps_its_title_inside_and_its_legend_off_the_data():
     """One budget (the narrowest figure) and the long title the command writes: the title wraps inside the figure,
     and the legend sits outside every panel."""
-    from msrnn.qa import recall_figure
+    from msrnn.qa import plot_recall
 
     rows = [{"policy": p, "states": k, "pairs": n, "accuracy": 0.5, "low": 0.2, "high": 0.8}
             for p, k in [("full", None), ("tova", 32), ("h2o", 32), ("sinks", 32)] for n in (4, 8, 16)]
     title = "Associative recall: 3 contexts x 4 queries per number of pairs, exact prefill, 3 policies at 1 budget"
-    fig = recall_figure(rows, ["full", "tova", "h2o", "sinks"], [32], [4, 8, 16], title)
+    fig = plot_recall(rows, ["full", "tova", "h2o", "sinks"], [32], [4, 8, 16], None, title)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     page = fig.bbox
