@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .policies import Policy, check_priority, nan_error
+from .policies import Policy, check_priority, check_score, nan_error
 from .rope import cos_sin, effective_positions, rotate, rotates_at_use
 from .state import EMPTY, INF
 
@@ -117,7 +117,7 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     out = probs.view(B, Hkv, G, S).to(v.dtype) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd), before a slot is reused
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:
-        score.copy_(policy.update(score, attn[:, :, None]))
+        score.copy_(update_score(policy, score, attn[:, :, None]))
     prio = ask(policy, attn, kpos, score, layer_state, S)  # (B, 1 or Hkv, S)
     prio = check_priority(policy, prio, kpos)  # its shape and dtype; NaN is checked once per step, after the last
     layer_state.unranked = prio.isnan().flatten(1).any(1)  # layer (B,): no host sync here (check_unranked)
@@ -152,11 +152,13 @@ def ask(policy: Policy, attn, pos, score, layer_state, S: int):
 
 def update_score(policy: Policy, score, attn, valid=None):
     """policy.update over T queries attn (B, H, T, n); with valid (B, T), a padding query leaves its row's score as
-    it was (a zero attention is not neutral for every update: a moving average would decay)."""
+    it was (a zero attention is not neutral for every update: a moving average would decay). What the policy
+    returns must have the score's shape and dtype (check_score: shapes only, no host sync)."""
     if valid is None:
-        return policy.update(score, attn)
+        return check_score(policy, policy.update(score, attn), score)
     for t in range(attn.shape[2]):
-        score = torch.where(valid[:, t, None, None], policy.update(score, attn[:, :, t : t + 1]), score)
+        new = check_score(policy, policy.update(score, attn[:, :, t : t + 1]), score)
+        score = torch.where(valid[:, t, None, None], new, score)
     return score
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .policies import Policy, built_in, check_priority, take_flags
+from .policies import Policy, built_in, check_policy, check_priority, check_score, take_flags
 
 
 class RowPolicies(Policy):
@@ -30,6 +30,8 @@ class RowPolicies(Policy):
 
     def __init__(self, members: Sequence[Policy], rows: int, bound: bool = False):
         """bound: the members are already one layer's policies (made by at_layer: bound once, as the model does)."""
+        for m in members:
+            check_policy(m)
         schemes = {m.positions for m in members}
         positions = members[0].positions if len(schemes) == 1 else tuple(m.positions for m in members for _ in range(rows))
         self.members, self.rows = list(members), rows
@@ -75,7 +77,7 @@ class RowPolicies(Policy):
         out = score.clone()  # (R, Hkv, n)
         for m, a, b in self.blocks:
             if m.keeps_score:
-                out[a:b] = m.update(score[a:b], attn[a:b])
+                out[a:b] = check_score(m, m.update(score[a:b], attn[a:b]), score[a:b])  # no broadcast into a block
         return out
 
     def priority(self, attn, pos, score, keys=None, values=None, value_norms=None):

@@ -183,6 +183,16 @@ class HFRunner:
         return timed(self.decoder(position, steps), 3) / steps * 1000
 
 
+def check_throughput(budget_context: int, budget_states) -> None:
+    """The throughput table is relative to the full cache of `budget_context` tokens at batch 1: one of
+    `budget_states` must reach it (checked before anything is timed)."""
+    if not any(k >= budget_context for k in budget_states):
+        raise InputError(f"--budget-states {','.join(map(str, budget_states))}: none reaches --budget-context "
+                         f"{budget_context}, the full cache every throughput row is compared with; add "
+                         f"{budget_context} to --budget-states (e.g. --budget-states "
+                         f"{','.join(map(str, [*budget_states, budget_context]))}) or lower --budget-context.")
+
+
 class Bench:
     """The measurements of `msrnn bench`, one method per phase, each writing its part of `res` (module docstring).
     The floor is timed beside every contender (it drifts with them); transformers' full cache is held at the
@@ -192,6 +202,7 @@ class Bench:
                  bounded_positions=(2000, 8000, 20000), steps=16, prefill_tokens=512, budget_context=2048,
                  budget_states=(256, 512, 1024, 2048), compare=True, stream_tokens=70000, stream_states=512,
                  rounds=5, progress=True):
+        check_throughput(budget_context, budget_states)
         self.model, self.source, self.policy_name, self.progress = model, source, policy_name, progress
         # states: one budget (an int) or several, each an int or a list with one budget per layer
         budgets = [states] if isinstance(states, int) else [tuple(k) if isinstance(k, list) else k for k in states]
@@ -272,7 +283,7 @@ class Bench:
         if self.hf is not None:
             runs["hf"] = torch.inference_mode()(lambda: self.hf.model(toks))
         t = side_by_side(runs, max(2, self.rounds // 2))
-        self.res["msrnn_prefill_s"] = t["msrnn"]
+        self.res["msrnn_prefill_s"], self.res["prefill_tokens"] = t["msrnn"], self.prefill_tokens
         if self.hf is not None:
             self.res["hf_prefill_s"] = t["hf"]
 
@@ -329,7 +340,8 @@ def report(res: dict) -> str:
             hf = res.get("hf_full_at_ms", {}).get(p)
             ratio = f"{ms / hf:.2f} (vs its full cache at {res['hf_full_at']}: {hf:.1f} ms)" if hf else "–"
             out.append(f"| msrnn {res['policy']} {k} | {p} | {ms:.1f} | {ms / res['floor_ms']:.2f} | {ratio} |")
-    out += ["", f"prefill of a prompt: msrnn {res['msrnn_prefill_s']:.2f} s"
+    tokens = f" of {res['prefill_tokens']} tokens" if "prefill_tokens" in res else ""  # older bench.json: unsaid
+    out += ["", f"prefill of a prompt{tokens}: msrnn {res['msrnn_prefill_s']:.2f} s"
             + (f", transformers {res['hf_prefill_s']:.2f} s" if "hf_prefill_s" in res else ""), "",
             "| throughput under the KV budget of a full cache | states | batch | ms/step | tokens/s | × full |",
             "|---|---|---|---|---|---|"]
@@ -403,6 +415,7 @@ def run(args) -> int:
             raise InputError(f"{option}: give positive numbers (--stream-tokens may be 0 to skip the stream).")
     if args.stream_tokens < 0:
         raise InputError("--stream-tokens: give a positive number, or 0 to skip the stream.")
+    check_throughput(args.budget_context, lists["budget_states"])
     for k in budgets:  # an unknown name, a bad file:Class or a budget the policy refuses, before minutes of loading
         make_policy(args.policy, k)
     source = resolve(args.model)  # None: the bundled GGUF

@@ -27,7 +27,15 @@ POLICY_FORMS = (f"{FULL}, {', '.join(POLICIES)}; settings in parentheses (\"tova
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the descriptions' line breaks."""
+    """--help shows every default once and keeps the descriptions' line breaks. An option whose help already names
+    its default "(default: ...)", a required one, a flag, or one without a default (None: its help says what
+    happens without it) gets no second "(default: ...)"."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "(default" in help or action.required or action.default is None or isinstance(action.default, bool):
+            return help
+        return super()._get_help_string(action)
 
 
 # --- options shared by several commands --------------------------------------------------------------------------
@@ -86,8 +94,13 @@ def sampling_options(p, max_new_tokens: int) -> None:
 
 
 def text_options(p, out: str) -> None:
+    """--text and --out; an `out` with "<text name>" in it is the command's default folder, made from the text's
+    file name by the command (None here), so that runs on two texts do not share a folder."""
     p.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
-    p.add_argument("--out", default=out, metavar="DIR", help="output folder")
+    if "<text name>" in out:
+        p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: {out})")
+    else:
+        p.add_argument("--out", default=out, metavar="DIR", help="output folder")
 
 
 # --- the commands ------------------------------------------------------------------------------------------------
@@ -121,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "chat", formatter_class=Formatter, help="talk with a chat model; one bounded state for the whole conversation",
-        description="A chat REPL: type a message, get the answer; /quit or end of input (Ctrl-D) ends it. The whole "
+        description="A chat REPL: type a message, get the answer. /help lists the commands (/state, /reset, /quit); "
+                    "Ctrl-C stops an answer (the part written stays in the conversation), Ctrl-D or /quit ends the "
+                    "chat; in a terminal the arrow keys edit the line and recall earlier ones (readline). The whole "
                     "conversation lives in ONE bounded multi-state: each turn feeds only its new tokens, and the "
                     "policy keeps at most --states per layer, so the chat can run past the model's context length in "
                     "constant memory. --policy full is the unbounded transformer.",
@@ -168,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", formatter_class=Formatter, help="which tokens a policy keeps, and for how long (HTML, PNG, table)",
         description="Run a text through the model as a bounded multi-state RNN and record, for every token and\n"
                     "layer, how many steps it stayed in the state. Writes into --out:\n"
-                    "  retention.html          the text, each token shaded by how long it was kept\n"
-                    "  retention.png           heatmap of steps kept, layers x tokens\n"
+                    "  retention.html          the text, each token shaded by the share of the steps it could stay\n"
+                    "                          (to the end of the text) that it stayed\n"
+                    "  retention.png           heatmap of that share, layers x tokens\n"
                     "  retention_by_kind.md    mean retention of the first token, punctuation, newlines, 's,\n"
                     "  retention_by_kind.csv   closing quotes, proper nouns and other tokens\n"
                     "  tokens.csv              one row per token",

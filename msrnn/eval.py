@@ -101,12 +101,15 @@ class Reference:
 
     @classmethod
     @torch.inference_mode()
-    def compute(cls, model, tokens: torch.Tensor, piece: int = 256) -> "Reference":
+    def compute(cls, model, tokens: torch.Tensor, piece: int = 256, progress=None) -> "Reference":
+        """progress: called with the tokens of each piece once it is done (a progress bar's update)."""
         B, T = tokens.shape
         logprobs, state = torch.empty(B, T - 1, model.cfg.vocab_size), None
         for a in range(0, T - 1, piece):
             logits, state = model.prefill(tokens[:, a : min(a + piece, T - 1)], state, None, all_logits=True)
             logprobs[:, a : a + piece] = torch.log_softmax(logits, dim=-1).cpu()  # (B, piece, V)
+            if progress is not None:
+                progress(min(piece, T - 1 - a))
         neg_entropy = (logprobs.exp() * logprobs).sum(-1)  # (B, T-1)
         return cls(logprobs, next_token_loss(logprobs, tokens[:, 1:]), logprobs.argmax(-1), neg_entropy)
 
@@ -208,7 +211,7 @@ def smallest_budget(policy: Policy, layers: int) -> int:
 
 def group_steps(T: int, L: int) -> int:
     """Recurrent steps a batch runs on chunks of T tokens from prefix length L: the last prefix token, then tokens
-    L..T-2. (The progress bar counts these; the reference, a few % of the time, is not counted.)"""
+    L..T-2. (The progress bar counts these, and the reference's T-1 tokens: msrnn/ppl.py::grid_steps.)"""
     return 0 if L >= T - 1 else T - L
 
 

@@ -203,7 +203,7 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, prefill: str = "exact", stop_at_eos: bool = True,
              chat: bool = False, state: State | None = None, progress: bool = False, repetition_penalty: float = 1.0,
-             stop: Sequence[str] = ()) -> Iterator:
+             stop: Sequence[str] = (), text: bool = True) -> Iterator:
     """Stream the continuation of `prompt`, piece by piece as tokens arrive.
 
     prompt: a string (encoded with `tokenizer`; with chat=True first wrapped in the tokenizer's chat template), a
@@ -219,7 +219,7 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
     passed in has then seen the tokens up to the one that completed the stop string.
 
     Yields text pieces (str) for one prompt, (row, piece) pairs for a batch; token ids instead of text when no
-    tokenizer is given. Arguments are checked when called, before the first token is asked for.
+    tokenizer is given, or with text=False (the tokenizer then still encodes the prompt and gives its EOS ids). Arguments are checked when called, before the first token is asked for.
     """
     policy = resolve_policy(policy, states)
     check_generation(max_new_tokens, prefill)
@@ -239,7 +239,9 @@ def generate(model, prompt, tokenizer=None, policy: Policy | str | None = None, 
         raise InputError("stop strings need a tokenizer (they are matched in the text); pass tokenizer=...")
     stop_ids = eos_ids(model, tokenizer) if stop_at_eos else []
     tokens = _run(model, rows, policy, prefill, max_new_tokens, pick, stop_ids, state, progress)
-    return _pieces(tokens, tokenizer, len(rows), batched, tuple(stop))
+    if not text and stop:
+        raise InputError("stop strings are matched in the text: give text=True with stop=..., or match them yourself.")
+    return text_pieces(tokens, tokenizer if text else None, len(rows), batched, tuple(stop))
 
 
 def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progress) -> Iterator[tuple[int, int]]:
@@ -261,7 +263,7 @@ def _run(model, rows, policy, prefill, max_new_tokens, pick, stop, state, progre
             yield row, int(tokens[row])
 
 
-def _pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool, stop: tuple = ()) -> Iterator:
+def text_pieces(tokens: Iterator[tuple[int, int]], tokenizer, batch: int, batched: bool, stop: tuple = ()) -> Iterator:
     """Turn (row, id) into text pieces with one incremental decoder per row (a character may span tokens). With
     stop strings, text that could be the start of one is held back until it is known not to be; a row ends at the
     first stop string, and generation ends when every row has."""

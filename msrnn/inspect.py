@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import html
-import math
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +90,11 @@ class RetentionResult:
     def retention(self, layer: int | None = None) -> np.ndarray:
         """(T,) float steps kept, averaged over layers (layer=None) or of one layer."""
         return self.kept.mean(axis=0) if layer is None else self.kept[layer].astype(float)
+
+    def share(self, layer: int | None = None) -> np.ndarray:
+        """(T,) the share of the steps it could stay (from its own step to the end of the text) that each token
+        stayed, in [0, 1]: a token near the end is not counted as evicted early because the text ended."""
+        return self.retention(layer) / self.available
 
     def kinds(self) -> list[str]:
         return [token_kind(self.pieces, i) for i in range(len(self.pieces))]
@@ -179,26 +183,20 @@ def _starts_sentence(pieces: list[str], i: int) -> bool:
 
 
 # --- outputs --------------------------------------------------------------------------------------------------------
-def shade(kept: np.ndarray) -> np.ndarray:
-    """Steps kept -> [0, 1] on a log scale (retention spans 1 step to the whole text)."""
-    top = max(float(kept.max()), 2.0)
-    return np.log(np.maximum(kept, 1.0)) / math.log(top)
-
-
 def retention_html(result: RetentionResult, layer: int | None = None, title: str = "Token retention") -> str:
-    """A page with every token shaded by how long it was kept (darker = longer), a legend and the kind table."""
+    """A page with every token shaded by the share of its available steps it was kept (darker = a larger share), a
+    legend and the kind table."""
     kept, kinds = result.retention(layer), result.kinds()
-    alpha = MAX_ALPHA * shade(kept)
+    alpha = MAX_ALPHA * result.share(layer)
     spans = []
     for t, (piece, k, a, kind) in enumerate(zip(result.pieces, kept, alpha, kinds)):
-        tip = f"#{t} {piece!r} ({kind}): kept {k:.1f} of {result.available[t]} steps"
+        tip = f"#{t} {piece!r} ({kind}): kept {k:.1f} of the {result.available[t]} steps it could stay"
         cls = ' class="nl"' if "\n" in piece else ""
         spans.append(f'<span{cls} style="background: rgba({SHADE},{a:.3f})" title="{html.escape(tip)}">'
                      f"{html.escape(piece)}</span>")
     where = "averaged over layers" if layer is None else f"layer {layer}"
     budget = "unbounded" if result.states is None else f"{result.states} states"
-    top = float(kept.max())
-    ticks = "".join(f"<span>{v:.0f}</span>" for v in sorted({1.0, round(math.sqrt(max(top, 1.0))), top}))
+    ticks = "".join(f"<span>{v}</span>" for v in ("0", "0.5", "1"))
     rows = "".join(f"<tr><td>{html.escape(r['kind'])}</td><td>{r['tokens']}</td><td>{r['mean_kept']:.1f}</td>"
                    f"<td>{r['mean_share']:.2f}</td></tr>" for r in result.by_kind(layer))
     return f"""<!DOCTYPE html>
@@ -214,8 +212,10 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Policy <b>{html.escape(result.policy)}</b>, {budget}, {len(result.tokens)} tokens; retention {where}.
-A token is shaded by how many steps it stayed in the multi-state (log scale; hover for numbers).</p>
-<div class="legend"><span>steps kept:</span><div><div class="bar"></div><div class="ticks">{ticks}</div></div></div>
+A token is shaded by the share of the steps it could stay in the multi-state (from its own step to the end of the
+text) that it stayed: 1 = kept to the end, so a token near the end is not shown as evicted because the text ended
+(hover for the numbers of steps).</p>
+<div class="legend"><span>share of the steps it could stay:</span><div><div class="bar"></div><div class="ticks">{ticks}</div></div></div>
 <div class="text">{"".join(spans)}</div>
 <h2>Retention by token kind</h2>
 <table><tr><th>kind</th><th>tokens</th><th>mean steps kept</th><th>mean share of available steps</th></tr>
@@ -225,22 +225,22 @@ A token is shaded by how many steps it stayed in the multi-state (log scale; hov
 
 
 def plot_heatmap(result: RetentionResult, path: str | Path) -> None:
-    """PNG: layers (rows) x tokens (columns), colour = steps kept (log scale)."""
-    from matplotlib.colors import LogNorm
-
+    """PNG: layers (rows) x tokens (columns), colour = the share of the steps it could stay (from its step to the
+    end of the text) that the token stayed in that layer (tokens near the end are not dark only because the text
+    ended)."""
     plt = report.pyplot()
 
     L, T = result.kept.shape
     fig, ax = plt.subplots(figsize=(min(24.0, 4 + T / 20), 1.5 + 0.18 * L))
-    image = ax.imshow(result.kept, aspect="auto", interpolation="nearest", cmap="magma_r",
-                      norm=LogNorm(vmin=1, vmax=max(int(result.kept.max()), 2)))
+    image = ax.imshow(result.kept / result.available, aspect="auto", interpolation="nearest", cmap="magma_r",
+                      vmin=0, vmax=1)
     if T <= 80:  # few enough tokens to name them
         ax.set_xticks(range(T), [repr(p)[1:-1] for p in result.pieces], rotation=90, fontsize=7)
     ax.set_xlabel("token position")
     ax.set_ylabel("layer")
     budget = "unbounded" if result.states is None else f"k={result.states}"
-    ax.set_title(f"Steps each token stayed in the state ({result.policy}, {budget})")
-    fig.colorbar(image, ax=ax, label="steps kept")
+    ax.set_title(f"Share of the steps it could stay that each token stayed in the state ({result.policy}, {budget})")
+    fig.colorbar(image, ax=ax, label="share of available steps")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -286,5 +286,15 @@ def run_inspect(args, load) -> None:
     if not ids:
         raise InputError(f"--text {args.text} is empty: there is nothing to inspect.")
     result = record_retention(model, ids, policy, tokenizer=tokenizer, progress=True)
-    for written in write_report(result, args.out, args.layer):
-        print(written)
+    paths = write_report(result, args.out, args.layer)
+    print(summary(result, args.layer))
+    print(f"wrote {paths[0]}, " + ", ".join(p.name for p in paths[1:]))
+
+
+def summary(result: RetentionResult, layer: int | None = None) -> str:
+    """What `msrnn inspect` prints: one line of totals, then the table by token kind."""
+    budget = "unbounded" if result.states is None else f"{result.states} states"
+    where = "mean over layers" if layer is None else f"layer {layer}"
+    return (f"{result.policy}, {budget}, {len(result.tokens)} tokens, {where}: mean share of available steps "
+            f"{result.share(layer).mean():.3f}, mean steps kept {result.retention(layer).mean():.1f}\n\n"
+            + kind_table_markdown(result.by_kind(layer)))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .attention import attend, check_unranked
 from .config import Config
 from .errors import InputError
-from .policies import Policy, layer_budgets
+from .policies import Policy, check_policy, layer_budgets
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
 from .state import EMPTY, State
 
@@ -122,6 +122,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        check_policy(policy)
         states = getattr(policy, "states", None)
         capacity = self._capacities(policy)
         meta = {"model": self.identity, "policy": getattr(policy, "name", "full"), "states": states}
@@ -315,6 +316,10 @@ class Transformer(nn.Module):
         return self._logits(hidden[-1][:, -1]), state
 
     def _check(self, tokens: torch.Tensor, state: State, policy: Policy | None) -> None:
+        if not isinstance(state, State):
+            raise InputError(f"state must be a msrnn State (from model.init_state(batch_size, policy), or None to "
+                             f"start one), got {type(state).__name__}.")
+        check_policy(policy)
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
@@ -335,9 +340,6 @@ class Transformer(nn.Module):
         if state.layers[0].keys.dtype != self.dtype:
             raise InputError(f"this state holds {state.layers[0].keys.dtype} keys and values but the model runs in "
                              f"{self.dtype}; load the model with the dtype the state was made with (dtype=...).")
-        if policy is not None and not isinstance(policy, Policy):
-            raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got {type(policy).__name__}; "
-                             "build one with msrnn.policies.make_policy(name, states).")
         if state.rope_at_use != rotates_at_use(getattr(policy, "positions", "absolute")):
             raise InputError("this state caches keys for another position scheme than the policy's; make the state "
                              "with model.init_state(batch_size, policy) for the policy you step with.")

@@ -48,7 +48,8 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
         tokens = data[b0 : b0 + batch]
         results = score(model, tokens, [make_policy(p, k, positions)
                                         for p, k in cells], prefill, prompt,
-                        Reference.compute(model, tokens), bar.update if bar is not None else None)
+                        Reference.compute(model, tokens, progress=bar.update if bar is not None else None),
+                        bar.update if bar is not None else None)
         for (name, k), s in zip(cells, results):
             unit = {"policy": name, "states": k, "batch": b, **s.sums()}
             done[(name, k, b)] = unit
@@ -57,8 +58,9 @@ def run_grid(model, data: torch.Tensor, names: list[str], budgets: list[int], pr
 
 
 def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=lambda b: True, layers=None) -> int:
-    """Recurrent steps the remaining batches need (the progress bar's total); with the model's `layers`, a policy
-    whose budgets differ per layer (PyramidKV) starts where its smallest layer budget ends."""
+    """Steps the remaining batches need (the progress bar's total): each batch's reference, T-1 tokens of the full
+    model, then its recurrent steps; with the model's `layers`, a policy whose budgets differ per layer (PyramidKV)
+    starts where its smallest layer budget ends."""
     n, T = data_shape
 
     def smallest(p, k):
@@ -68,7 +70,7 @@ def grid_steps(data_shape, names, budgets, prefill, prompt, batch, done, mine=la
 
     starts = [[prefix_length(smallest(p, k), prefill, prompt) for p, k in _todo(names, budgets, b, done) if k is not None]
               for b in range(math.ceil(n / batch)) if mine(b)]
-    return sum(group_steps(T, min(s)) for s in starts if s)
+    return sum(T - 1 + group_steps(T, min(s)) for s in starts if s)
 
 
 def summarize(units: dict, names: list[str], budgets: list[int], batches: int) -> list[dict]:
@@ -170,6 +172,7 @@ def run_ppl(args, load) -> None:
     ids = tokenizer.encode(text)
     data, index = pick_chunks(ids, args.context, args.chunks)
     batch = min(args.batch or DEFAULT_BATCH, len(data))
+    check_context(args.context, batch, model.cfg)
     settings = {"model": model.identity, "dtype": args.dtype, "text": text_path.name,
                 "tokens_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "context": args.context,
                 "chunks": index, "prefill": args.prefill, "prompt": prompt, "batch": batch,
@@ -219,6 +222,35 @@ def run_ppl(args, load) -> None:
     plot_grid(cells, names, budgets, out / "ppl.png", title)
     print(table)
     print(f"wrote {out}/table.md, table.csv, results.json, ppl.png ({results} holds the raw units)")
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_context(context: int, batch: int, cfg) -> None:
+    """Before a batch runs: a reference (B, T-1, V) fp32 larger than the machine's memory is refused; a context past
+    the model's trained length is said on stderr (the full model is then outside what it was trained on)."""
+    from .report import human_bytes
+
+    need = batch * (context - 1) * cfg.vocab_size * 4
+    ram = physical_memory()
+    if ram is not None and need > ram:
+        raise InputError(f"--context {context} with --batch {batch}: the full model's log-probabilities alone take "
+                         f"{human_bytes(need)} ({batch} x {context - 1} x {cfg.vocab_size} fp32), more than this "
+                         f"machine's {human_bytes(ram)}; give a smaller --batch or --context.")
+    limit = cfg.max_position_embeddings
+    if context > limit:
+        print(f"msrnn eval: --context {context} is past the model's trained context of {limit} tokens: the full "
+              f"model, every policy's reference, runs on positions it was never trained on, and its cost grows with "
+              f"the square of the context ({human_bytes(need)} of reference log-probabilities per batch); "
+              f"`msrnn eval stream` measures a bounded policy past the trained context.", file=sys.stderr)
 
 
 def _distributed() -> tuple[int, int]:

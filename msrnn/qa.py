@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -204,9 +205,10 @@ def _run(args, model, tokenizer, trials, names, budgets, settings, out: Path, wh
     """The shared part of both commands: the grid with a progress bar, resumable. Returns (cells, units)."""
     cells = _cells(names, budgets)
     done = load_results(out / RESULTS, settings, args.resume, key=answer_unit_key, problem=answer_unit_problem)
-    print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells, {args.prefill} prefill, batch "
-          f"{args.batch}; {sum(1 for u in done if u[:2] in cells and u[2] in {t.key for t in trials})} "
-          "answers already done", file=sys.stderr)
+    print(f"msrnn eval {what}: {len(trials)} trials x {len(cells)} cells (policy x budget, full once), "
+          f"{args.prefill} prefill, batch {args.batch}; "
+          f"{sum(1 for u in done if u[:2] in cells and u[2] in {t.key for t in trials})} answers already done",
+          file=sys.stderr)
     stop = eos_ids(model, tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -353,11 +355,13 @@ def run_recall(args, load) -> None:
     print(f"wrote {out}/table.md, cells.csv, results.json, recall.png ({out / RESULTS} holds every answer)")
 
 
-def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], path: Path,
-                title: str) -> None:
-    """Accuracy vs number of pairs, one panel per budget, one line per policy (bars: Wilson 95 %); full dashed."""
+def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: list[int], path: Path | None,
+                title: str):
+    """Accuracy vs number of pairs, one panel per budget, one line per policy (bars: Wilson 95 %); full dashed. The
+    title wraps to the figure's width; the legend sits below the panels. path None: the figure is returned."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(budgets), figsize=(1 + 3.6 * len(budgets), 3.8), sharey=True, squeeze=False)
+    width = 1.5 + 3.6 * len(budgets)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(width, 3.8), sharey=True, squeeze=False)
     at = {(r["policy"], r["states"], r["pairs"]): r for r in rows}
 
     def line(ax, name, k, **style):
@@ -374,9 +378,12 @@ def plot_recall(rows: list[dict], names: list[str], budgets: list[int], pairs: l
         ax.set_xticks(pairs, [str(n) for n in pairs])
         ax.set(xlabel="key-value pairs", title=f"k = {k} states per layer", ylim=(-0.03, 1.03))
     axes[0][0].set_ylabel("exact-match accuracy")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 12))), fontsize=9)  # ~12 characters an inch at 9 pt
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # the bottom tenth holds the legend
+    if path is None:
+        return fig
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -28,6 +28,7 @@ def test_bench_cli_writes_tables_json_and_png(tmp_path, capsys):
     assert 0 < agree["max_abs_logit_diff"] < 1 and agree["top1_agreement"] > 0.8
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "× transformers" in (out / "bench.md").read_text() and "floor" in capsys.readouterr().out
+    assert "prefill of a prompt of 8 tokens: msrnn " in (out / "bench.md").read_text()  # the prompt's length said
 
 
 def test_bench_takes_several_budgets_as_eval_does(tmp_path, capsys):
@@ -82,3 +83,18 @@ def test_hf_decode_restores_its_cache_between_repeats(tmp_path):
     runner.model.forward = spy
     runner.decode_ms(position=10, steps=3)
     assert lengths[-12:] == [10, 11, 12] * 4  # one warm-up and three timed repeats, each from position 10
+
+
+def test_bench_refuses_budget_states_that_never_reach_the_full_cache(tmp_path, capsys):
+    """Throughput is relative to the full cache of --budget-context tokens: one --budget-states value must reach it,
+    which is checked before anything loads (it ended in a raw StopIteration after the timings)."""
+    directory = save(hf_model(max_position_embeddings=512), tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--model", directory, "--compare", "none", "--positions", "4", "--bounded-positions", "20",
+              "--states", "8", "--steps", "1", "--prefill-tokens", "4", "--budget-context", "64",
+              "--budget-states", "8,16", "--stream-tokens", "0", "--out", str(tmp_path / "bench")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("msrnn: error: --budget-states 8,16") and "64" in err, err
+    assert "StopIteration" not in err and not (tmp_path / "bench").exists()
+    with pytest.raises(msrnn.InputError, match="--budget-states"):  # the API says the same
+        bench.Bench(msrnn.load_model(directory), None, budget_context=64, budget_states=(8, 16))

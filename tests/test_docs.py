@@ -83,3 +83,58 @@ def test_the_harness_finds_blocks_and_references(tmp_path):
                    "```bash\nls\n```\n```python\nassert a == 1\n```\n")
     assert python_blocks(doc) == [(3, "a = 1\n"), (12, "assert a == 1\n")]
     assert references(doc) == [("msrnn/state.py", "State.fork")]
+
+
+def steady_state_paragraph() -> str:
+    text = (DOCS / "derivation.md").read_text()
+    start = text.index("In the steady state")
+    return text[start : text.index("\n\n", start)]
+
+
+def test_the_derivation_names_what_a_decode_step_runs(tmp_path):
+    """Every state.py / attention.py function the derivation says a steady-state decode step runs is called by one
+    (a full TOVA layer, one token), and the sentence about the chunk's path names functions that a chunk calls."""
+    import torch
+
+    import msrnn
+    from msrnn import attention
+    from msrnn.state import LayerState
+    from tiny import hf_model, save
+
+    model = msrnn.load_model(save(hf_model(), tmp_path / "ckpt"))
+    policy = msrnn.make_policy("tova", 4)
+    cited = [symbol for file, symbol in REFERENCE.findall(steady_state_paragraph())
+             if file in ("msrnn/state.py", "msrnn/attention.py")]
+    assert any("ring_step" in s for s in cited) and any("replace_lowest" in s for s in cited)
+
+    def calls(run) -> set[str]:
+        called = set()
+        spies = {}
+        for owner, name in [(LayerState, n) for n in ("drop_lowest", "replace_lowest", "keep_top", "compact")] + \
+                [(attention, n) for n in ("ring_step", "scan")]:
+            original = getattr(owner, name)
+            spies[owner, name] = original
+
+            def spy(*args, _original=original, _name=name, **kwargs):
+                called.add(_name)
+                return _original(*args, **kwargs)
+
+            setattr(owner, name, spy)
+        try:
+            run()
+        finally:
+            for (owner, name), original in spies.items():
+                setattr(owner, name, original)
+        return called
+
+    state = model.prefill(torch.arange(1, 9)[None], None, policy)[1]  # 8 tokens: every layer holds its 4 states
+    decode = calls(lambda: model.step(torch.tensor([3]), state, policy))
+    decode_cited = [s.split(".")[-1] for s in cited if s.split(".")[-1] in ("ring_step", "replace_lowest")]
+    assert decode_cited and set(decode_cited) <= decode, (decode_cited, decode)
+    assert "drop_lowest" not in decode and "compact" not in decode  # what the derivation used to claim
+    from msrnn.batch import RowPolicies
+
+    rows = RowPolicies([policy, msrnn.make_policy("tova", 6)], 1)  # rows of different budgets: the general case
+    chunk = calls(lambda: model.prefill(torch.arange(1, 9)[None].repeat(2, 1), None, rows))
+    chunk_cited = [s.split(".")[-1] for s in cited if s.split(".")[-1] in ("scan", "drop_lowest", "compact")]
+    assert len(chunk_cited) == 3 and set(chunk_cited) <= chunk, (chunk_cited, chunk)

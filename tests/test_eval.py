@@ -253,3 +253,67 @@ def test_a_policy_file_runs_only_after_the_other_arguments_are_checked(checkpoin
             main([*ppl_args(checkpoint, text_file, tmp_path / "out"), "--policies", f"{tmp_path / 'mine.py'}:Mine",
                   *bad])
         assert "msrnn: error:" in capsys.readouterr().err and not marker.exists()
+
+
+@pytest.mark.parametrize("command, folder", [("ppl", "eval-story"), ("stream", "stream-story")])
+def test_eval_without_out_writes_into_a_folder_named_after_the_text(checkpoint, text_file, tmp_path, monkeypatch,
+                                                                     capsys, command, folder):
+    """No --out: out/eval-<text name> (ppl) or out/stream-<text name> (stream), never a folder literally called
+    'eval-<text name>' (which a second text would then overwrite)."""
+    monkeypatch.chdir(tmp_path)
+    args = (["--states", "6", "--policies", "tova", "--context", "24", "--chunks", "1"] if command == "ppl" else
+            ["--states", "6", "--tokens", "60", "--window", "30", "--full-tokens", "0"])
+    assert main(["eval", command, "--text", str(text_file), "--model", str(checkpoint), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [folder]
+
+
+def test_a_policy_file_that_exits_while_loading_is_an_error_not_a_silent_exit(checkpoint, text_file, tmp_path, capsys):
+    (tmp_path / "quits.py").write_text("raise SystemExit(0)\n")
+    with pytest.raises(SystemExit) as stop:
+        main([*ppl_args(checkpoint, text_file, tmp_path / "out"), "--policies", f"{tmp_path / 'quits.py'}:Mine"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "msrnn: error: policy file" in err and "SystemExit" in err
+
+
+def test_a_context_past_the_trained_length_is_said_and_the_bar_counts_the_reference(checkpoint, text_file, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """--context 100 on a model trained on 64 positions: a warning says so; the progress bar's total counts the full
+    model's reference pass too (it moves while the reference runs, instead of sitting at 0 and then giving an ETA
+    computed from that wait), and its updates add up to the total."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, *args, **kwargs):
+            self.total, self.updates = total, []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(eval_ppl, "progress", Bar)
+    assert main(["eval", "ppl", "--text", str(text_file), "--model", str(checkpoint), "--policies", "tova",
+                 "--states", "6", "--context", "100", "--chunks", "1", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "--context 100 is past the model's trained context of 64 tokens" in err
+    (bar,) = bars
+    assert bar.total == (100 - 6) + (100 - 1)  # the policy's recurrent steps + the reference's tokens
+    assert sum(bar.updates) == bar.total and bar.updates[0] == 99  # the reference first, then the policies
+
+
+def test_a_reference_larger_than_the_memory_is_refused_before_it_runs(checkpoint, text_file, tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setattr(eval_ppl, "physical_memory", lambda: 10_000)  # bytes: less than 1 x 199 x 97 x 4
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "ppl", "--text", str(text_file), "--model", str(checkpoint), "--policies", "tova",
+              "--states", "6", "--context", "100", "--chunks", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "log-probabilities" in err and "give a smaller --batch or --context" in err

@@ -328,3 +328,29 @@ def test_cli_says_when_the_answer_is_empty(tiny_dir, tiny, capsys, monkeypatch):
 def test_debug_shows_the_traceback_of_an_msrnn_error():
     with pytest.raises(msrnn.CheckpointError, match="does not exist"):
         main(["--debug", "info", "--model", "/no/such/checkpoint"])
+
+
+def subcommands(parser=None, prefix=()):
+    """(command words, parser) for every command and subcommand of msrnn."""
+    import argparse
+
+    from msrnn.cli import build_parser
+
+    parser = parser or build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from subcommands(sub, (*prefix, name))
+
+
+def test_cli_help_shows_each_default_once_and_never_none():
+    """--help: '(default: X)' at most once per option, and no '(default: None)' (a required option, or an option
+    whose help already says what happens without it)."""
+    import re
+
+    for words, sub in subcommands():
+        text = " ".join(sub.format_help().split())  # help lines wrap: one line per option
+        assert "(default: None)" not in text, (words, text)
+        for option in re.split(r"\s(?=--?[a-z])", text):
+            assert option.count("(default:") <= 1, (words, option)

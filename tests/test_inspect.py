@@ -1,4 +1,5 @@
 """The retention recorder against hand counts, the token-kind heuristic, and the HTML/PNG/table outputs."""
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -175,8 +176,10 @@ def test_cli_writes_the_report(model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["inspect", "--text", str(text), "--policy", "window", "--states", "4", "--tokens", "20",
                  "--layer", "1", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out.split()
-    assert sorted(printed) == sorted(str(p) for p in out.iterdir())
+    printed = capsys.readouterr().out
+    assert printed.startswith("window, 4 states, 20 tokens, layer 1: ")  # a summary in the terminal, then the table
+    assert "mean share of available steps" in printed and "| kind | tokens |" in printed
+    assert f"wrote {out}/retention.html" in printed and all(p.name in printed for p in out.iterdir())
     assert (out / "retention.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -193,3 +196,26 @@ def test_cli_errors_are_one_line(model, tmp_path, monkeypatch, capsys, argv, mes
         main(["inspect", *[a.format(text=text) for a in argv], "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("msrnn: error:") and message in err
+
+
+def test_pictures_shade_the_share_of_the_available_steps_not_raw_steps(monkeypatch, tmp_path):
+    """A token at the end of the text that stayed to the end is shaded as fully as the first token that stayed
+    throughout: both were kept for every step they could be (raw steps made the end of the text look evicted)."""
+    import matplotlib.axes
+
+    from msrnn.inspect import MAX_ALPHA, plot_heatmap
+
+    pieces = ["A", " cat", " sat", " on", " mat", "."]
+    kept = np.array([[6, 1, 1, 1, 2, 1], [6, 1, 1, 3, 2, 1]])  # the first and the last two: kept all they could
+    result = RetentionResult(list(range(6)), pieces, kept, kept[:, None], "tova", 2)
+    page = retention_html(result, layer=0)
+    alphas = [float(a) for a in re.findall(r"rgba\(200,30,30,([0-9.]+)\)\" title", page)]
+    assert alphas[0] == alphas[4] == alphas[5] == pytest.approx(MAX_ALPHA)  # share 1 each
+    assert alphas[1] == pytest.approx(MAX_ALPHA / 5)  # kept 1 of its 5 steps
+    assert "share of the steps it could stay" in page
+    shown = []
+    original = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, data, *a, **k: shown.append(np.asarray(data)) or original(self, data, *a, **k))
+    plot_heatmap(result, tmp_path / "r.png")
+    np.testing.assert_allclose(shown[0], kept / np.arange(6, 0, -1))

@@ -236,3 +236,15 @@ def test_bounded_state_on_a_mistral_window_model_keeps_matching(tmp_path):
         logits, state = m.step(tokens[:, t], state, Window(3))
         out.append(logits)
     assert (torch.stack(out, 1) - ref).abs().max() <= TOL and state.size == 3
+
+
+def test_step_with_a_state_or_policy_of_the_wrong_type_is_a_clear_error(model):
+    token = torch.tensor([1])
+    with pytest.raises(InputError, match="state must be a msrnn State.*got str"):
+        model.step(token, "garbage")
+    with pytest.raises(InputError, match="policy must be a msrnn.policies.Policy.*got str.*make_policy"):
+        model.step(token, None, "tova")
+    with pytest.raises(InputError, match="policy must be a msrnn.policies.Policy.*got str"):
+        model.init_state(1, "tova")
+    with pytest.raises(InputError, match="state must be a msrnn State.*got dict"):
+        model.prefill(torch.tensor([[1, 2]]), {})

@@ -309,3 +309,80 @@ def test_a_policy_returning_a_bad_priority_is_named_in_the_error(policy, message
             model.prefill(tokens, None, policy)
         else:
             model.prefill(tokens.repeat(2, 1), None, RowPolicies([policy, make_policy("tova", 3)], 1))
+
+
+# --- names, settings and user classes that go wrong (issue 27) --------------------------------------------------------
+@pytest.mark.parametrize("spec, message", [
+    ("tvoa", "unknown policy 'tvoa': did you mean tova\\?"),
+    ("h20", "did you mean h2o\\?"),
+    ("tova-decay(gama=0.8)", "'tova-decay' does not take a setting 'gama': did you mean gamma\\? Its settings: gamma"),
+    ("sinks(sink=2)", "'sinks' does not take a setting 'sink': did you mean sinks\\?"),
+    ("tova(gamma=0.8)", "'tova' does not take a setting 'gamma'; it has no settings"),
+])
+def test_a_misspelled_policy_or_setting_suggests_the_name_meant(spec, message):
+    with pytest.raises(InputError, match=message) as e:
+        make_policy(spec, 8)
+    assert "__init__()" not in str(e.value)
+
+
+class NoSuper(Policy):
+    name = "no-super"
+
+    def __init__(self, states):
+        self.k = states  # forgot super().__init__(states)
+
+    def priority(self, attn, pos, score):
+        return -pos.float()
+
+
+class ShortScore(Policy):
+    name = "short-score"
+
+    def update(self, score, attn):
+        return attn.new_zeros(1)  # one element: it would broadcast over every slot
+
+    def priority(self, attn, pos, score):
+        return score
+
+
+@pytest.mark.parametrize("mode", ["init_state", "step", "scan", "fast", "batch"])
+def test_a_policy_whose_init_skipped_super_is_named(mode):
+    from msrnn.batch import RowPolicies
+
+    _, model = tiny()
+    tokens = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(0))
+    policy = NoSuper(4)
+    with pytest.raises(InputError, match=r"NoSuper\.__init__ did not call super\(\).__init__\(states"):
+        if mode == "init_state":
+            model.init_state(1, policy)
+        elif mode == "step":
+            model.step(tokens[:, 0], model.init_state(1), policy)
+        elif mode in ("scan", "fast"):
+            model.prefill(tokens, None, policy, mode="exact" if mode == "scan" else "fast")
+        else:
+            RowPolicies([policy, make_policy("tova", 3)], 1)
+
+
+@pytest.mark.parametrize("mode", ["step", "scan", "fast", "batch"])
+def test_a_policy_update_of_the_wrong_shape_is_named(mode):
+    from msrnn.batch import RowPolicies
+
+    _, model = tiny()
+    tokens = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(0))
+    policy = ShortScore(4)
+    with pytest.raises(InputError, match=r"policy 'short-score' \(ShortScore.update\) returned torch.float32 \(1,\); "
+                                         r"a score is a float tensor of shape \(B, 1, n\) or \(B, Hkv, n\)"):
+        if mode == "step":
+            state = model.init_state(1, policy)
+            for t in tokens[0]:
+                model.step(t[None], state, policy)
+        elif mode in ("scan", "fast"):
+            model.prefill(tokens, None, policy, mode="exact" if mode == "scan" else "fast")
+        else:
+            model.prefill(tokens.repeat(2, 1), None, RowPolicies([policy, make_policy("tova", 3)], 1))
+
+
+def test_a_policy_file_that_exits_while_loading_is_an_error(tmp_path):
+    (tmp_path / "quits.py").write_text("raise SystemExit(0)\n")
+    with pytest.raises(InputError, match=r"policy file .*quits.py failed to run: SystemExit: 0"):
+        make_policy(f"{tmp_path / 'quits.py'}:Mine", 8)

@@ -258,6 +258,7 @@ def test_eval_recall_writes_table_and_figure(checkpoint, tmp_path, capsys):
     rows = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert len(rows) == 5 * 2 and all(r["answers"] == 4 for r in rows)  # 2 contexts x 2 queries per cell
     assert (tmp_path / "recall.png").read_bytes()[:8] == PNG_MAGIC
+    assert "trials x 5 cells (policy x budget, full once)" in capsys.readouterr().err  # says what a cell is
 
 
 def test_trace_names_the_layers_that_dropped_the_needle(loaded, book, tmp_path):
@@ -283,3 +284,23 @@ def test_bad_options_are_one_line_errors_before_loading(checkpoint, book, capsys
         with pytest.raises(SystemExit) as stop:
             main(needle_args(checkpoint, book, "unused", *extra))
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_recall_figure_keeps_its_title_inside_and_its_legend_off_the_data():
+    """One budget (the narrowest figure) and the long title the command writes: the title wraps inside the figure,
+    and the legend sits outside every panel."""
+    from msrnn.qa import plot_recall
+
+    rows = [{"policy": p, "states": k, "pairs": n, "accuracy": 0.5, "low": 0.2, "high": 0.8}
+            for p, k in [("full", None), ("tova", 32), ("h2o", 32), ("sinks", 32)] for n in (4, 8, 16)]
+    title = "Associative recall: 3 contexts x 4 queries per number of pairs, exact prefill, 3 policies at 1 budget"
+    fig = plot_recall(rows, ["full", "tova", "h2o", "sinks"], [32], [4, 8, 16], None, title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    heading = fig._suptitle.get_window_extent(renderer)
+    assert page.x0 <= heading.x0 and heading.x1 <= page.x1 and heading.y1 <= page.y1, (heading, page)
+    legend = fig.legends[0].get_window_extent(renderer) if fig.legends else None
+    assert legend is not None and page.x0 <= legend.x0 and legend.x1 <= page.x1
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent(renderer)), "the legend covers a panel"

@@ -12,11 +12,12 @@
 
 The contract is written out in base.py's docstring and in docs/policies.md.
 """
-from .base import (CONTRACT_FLAGS, INF, POSITION_SCHEMES, PerHead, PerLayer, Policy, built_in, check_priority,
-                   layer_budgets, nan_error, newest, per_kv_head, take_flags, whole)
+from .base import (CONTRACT_FLAGS, INF, POSITION_SCHEMES, PerHead, PerLayer, Policy, built_in, check_policy,
+                   check_priority, check_score, layer_budgets, nan_error, newest, per_kv_head, take_flags, whole)
 from .kvpress import KeyDiff, PyramidKV, SnapKV, pyramid
 from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASink, TOVAValue, value_size
-from .names import FULL, POLICIES, load_policy_file, make_policy, parse_spec, parse_states, policy_class, read_budgets
+from .names import (FULL, POLICIES, load_policy_file, make_policy, parse_spec, parse_states, policy_class,
+                    read_budgets, unknown_setting)
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
 from .retrieval import HeadMix, Retrieval, head_budgets, read_calibration
 

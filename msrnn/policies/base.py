@@ -102,6 +102,34 @@ def check_priority(policy: Policy, prio, pos: torch.Tensor, nan: bool = False):
     return prio
 
 
+def check_score(policy: Policy, new, score: torch.Tensor):
+    """new, as `policy.update` returned it, if it has the contract's shape (B, 1 or Hkv, n) for a score (B, Hkv, n)
+    and a float dtype (a tensor of another shape would broadcast into the state's scores unnoticed); otherwise one
+    InputError that names the policy. Shapes and dtypes only: no host sync."""
+    B, Hkv, n = score.shape
+    if not isinstance(new, torch.Tensor) or not new.is_floating_point() or new.dim() != 3 or \
+            new.shape[0] != B or new.shape[1] not in (1, Hkv) or new.shape[2] != n:
+        got = f"{new.dtype} {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
+        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.update) returned {got}; a score is a float "
+                         f"tensor of shape (B, 1, n) or (B, Hkv, n), as the score it is given, here ({B}, 1 or {Hkv}, "
+                         f"{n}) (docs/policies.md).")
+    return new
+
+
+def check_policy(policy) -> None:
+    """A policy the model can bind: None (unbounded) or a Policy whose __init__ ran Policy.__init__ (which sets its
+    budget and position scheme); one InputError otherwise."""
+    if policy is None:
+        return
+    if not isinstance(policy, Policy):
+        raise InputError(f"policy must be a msrnn.policies.Policy (or None for unbounded), got "
+                         f"{type(policy).__name__}; build one with msrnn.policies.make_policy(name, states).")
+    if not hasattr(policy, "states") or not hasattr(policy, "positions"):
+        cls = type(policy).__name__
+        raise InputError(f"{cls}.__init__ did not call super().__init__(states, positions), so the policy has no "
+                         f"budget; call it first in {cls}.__init__ (docs/policies.md).")
+
+
 def nan_error(policy: Policy, row: int) -> InputError:
     """The error for NaN priorities in batch row `row` (a NaN cannot be ranked), naming the policy of that row."""
     for member, first, end in getattr(policy, "blocks", ()):  # rows of several policies: name the culprit
@@ -192,6 +220,8 @@ class PerLayer(Policy):
         members = list(members)
         if not members or not all(isinstance(m, Policy) and not isinstance(m, PerLayer) for m in members):
             raise InputError("PerLayer takes a non-empty list of policies, one per layer (layer 0 first).")
+        for m in members:
+            check_policy(m)
         if len({m.positions for m in members}) != 1:
             raise InputError("PerLayer: every layer's policy needs the same position scheme.")
         self.members, self.positions = members, members[0].positions

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import inspect
 from pathlib import Path
 
 from ..errors import InputError
@@ -30,8 +32,9 @@ def policy_class(name: str) -> type[Policy] | None:
         return POLICIES[name]
     path, colon, cls_name = name.rpartition(":")
     if not colon or not path.endswith(".py"):
-        raise InputError(f"unknown policy {name!r}; choose one of {FULL}, {', '.join(POLICIES)}, "
-                         "or give your own as path/to/file.py:ClassName.")
+        close = difflib.get_close_matches(name, [FULL, *POLICIES], n=1)
+        raise InputError(f"unknown policy {name!r}{f': did you mean {close[0]}?' if close else ''}; choose one of "
+                         f"{FULL}, {', '.join(POLICIES)}, or give your own as path/to/file.py:ClassName.")
     return load_policy_file(Path(path), cls_name)
 
 
@@ -42,7 +45,7 @@ def load_policy_file(path: Path, cls_name: str) -> type[Policy]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the user's code: report where, not a traceback through importlib
+    except (Exception, SystemExit) as e:  # the user's code: report where, not a traceback (or a silent exit)
         raise InputError(f"policy file {path} failed to run: {type(e).__name__}: {e}") from e
     found = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Policy) and v is not Policy
              and v.__module__ == module.__name__]
@@ -90,10 +93,27 @@ def make_policy(name: str, states: int | None = None, positions: str | None = No
         raise InputError(f"policy {name!r} needs a budget: give states=k (e.g. --states 256).")
     if isinstance(states, (list, tuple)):  # one budget per layer: one policy per layer
         return PerLayer([_layer_policy(spec, name, k, kwargs) for k in states])
+    unknown_setting(name, cls, settings)
     try:
         return cls(states, **settings, **kwargs)
     except TypeError as e:  # a setting the class does not take
         raise InputError(f"policy {name!r} does not take the settings {settings or kwargs}: {e}") from None
+
+
+def unknown_setting(name: str, cls: type[Policy], settings: dict) -> None:
+    """One InputError for the first setting `cls.__init__` does not take, with the closest one it does (a class
+    taking **kwargs is left to itself)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [p for p in params if p not in ("self", "states", "positions")]
+    for key in settings:
+        if key not in params or key in ("self", "states", "positions"):
+            close = difflib.get_close_matches(key, known, n=1)
+            listed = f"ts settings: {', '.join(known)}" if known else "t has no settings"
+            hint = f": did you mean {close[0]}? I{listed}" if close else f"; i{listed}"
+            raise InputError(f"policy {name!r} does not take a setting {key!r}{hint} (the budget is --states, the "
+                             "position scheme --positions).")
 
 
 def _layer_policy(spec: str, name: str, k, kwargs: dict) -> Policy:
