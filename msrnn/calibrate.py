@@ -52,8 +52,8 @@ def filler(tokenizer, rng: random.Random, n: int) -> list[int]:
 
 
 def prompts(tokenizer, count: int, length: int, seed: int = 0):
-    """(contexts (P, length), questions + answers (P, Q), answer digits' slice of the second): pass keys at depths
-    5-85 % of generated filler, the whole context `length` tokens."""
+    """(contexts (P, C), questions + answers (P, Q), the answer digits' slice of the second): pass keys at depths
+    5-85 % of generated filler; context and question together are `length` tokens (as a needle prompt is)."""
     before, after = chat_parts(tokenizer)
     contexts, asked, spans = [], [], set()
     for p in range(count):

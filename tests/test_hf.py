@@ -13,14 +13,14 @@ import torch
 import msrnn
 from msrnn.errors import InputError
 from msrnn.policies import POLICIES, layer_budgets, make_policy
-from tiny import hf_model, save
+from tiny import POLICY_NAMES, hf_model, save
 
 hf_bridge = pytest.importorskip("msrnn.hf")
 PolicyCache = hf_bridge.PolicyCache
 
 TOL = 1e-5  # fp32; the same operations in the same order except projections/MLP (transformers' own layers)
 K = 6  # the budget: prompts below are longer, so every policy evicts inside the prompt
-NAMES = ["full", *POLICIES]
+NAMES = ["full", *POLICY_NAMES]
 
 
 def pair(model_type, **overrides):
@@ -229,7 +229,7 @@ def qwen2():
 
 def test_qwen2_every_policy_equals_token_by_token_oracle(qwen2):
     ids = tokens(2, 13, seed=7)
-    for name in POLICIES:
+    for name in POLICY_NAMES:
         policy = make_policy(name, K)
         ours = run_hf(qwen2, PolicyCache(policy), ids, prompt_split(policy, 9))
         assert (ours - policy_scan(qwen2, ids, policy)).abs().max() <= TOL, name

@@ -13,10 +13,10 @@ import msrnn
 from msrnn.batch import RowPolicies
 from msrnn.errors import InputError
 from msrnn.policies import POLICIES, PerHead, PerLayer, TOVA, make_policy, parse_states
-from tiny import hf_model, save
+from tiny import POLICY_NAMES, hf_model, save
 
 TOL = 1e-5  # fp32
-HEAD_POLICIES = [n for n in POLICIES if n != "pyramidkv"] + ["sinks(sinks=1)"]  # pyramidkv sets its own budgets
+HEAD_POLICIES = [n for n in POLICY_NAMES if n != "pyramidkv"] + ["sinks(sinks=1)"]  # pyramidkv sets its own budgets
 
 
 @pytest.fixture(scope="module")

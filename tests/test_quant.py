@@ -13,7 +13,7 @@ from msrnn.errors import CheckpointError, InputError
 from msrnn.gguf import read_gguf
 from msrnn.policies import POLICIES, make_policy
 from test_gguf import write_gguf
-from tiny import hf_model, save
+from tiny import POLICY_NAMES, hf_model, save
 
 BF16 = 2 ** -8  # bf16 keeps 8 significant bits: relative rounding error <= 2^-8 (kernel outputs, scales, zeros)
 
@@ -106,7 +106,7 @@ def test_every_policy_runs_at_every_dtype(tmp_path, fmt):
     tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
     bound = {"bf16": 0.05, "int8": 0.05, "int4": 0.35}[fmt]  # max |Δ logit| / logit range
     k = 6
-    for name in [None, *POLICIES]:
+    for name in [None, *POLICY_NAMES]:
         policy = None if name is None else make_policy(name, k)
         outs = []
         for m in (ref, model):

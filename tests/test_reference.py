@@ -18,10 +18,11 @@ from msrnn.config import Config, RopeConfig
 from msrnn.errors import MsrnnError
 from msrnn.policies import POLICIES, POSITION_SCHEMES, make_policy
 from msrnn.reference import Reference
+from tiny import POLICY_NAMES
 from msrnn.state import EMPTY
 
 TOL = 1e-5
-NAMES = ["full", *POLICIES]
+NAMES = ["full", *POLICY_NAMES]
 
 
 def tiny(model_type="llama", kv=2, groups=2, layers=2, window=None, max_pos=64, rope="default", tie=False,
@@ -95,7 +96,7 @@ def test_per_layer_budgets_match_the_reference(name):
     side_by_side(tiny(layers=3), tokens, make_policy(name, [k0 + 4, k0, k0 + 1]), chunk=4)
 
 
-@pytest.mark.parametrize("name", [n for n in POLICIES if n != "pyramidkv"])  # pyramidkv sets its own budgets
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "pyramidkv"])  # pyramidkv sets its own budgets
 def test_budgets_per_kv_head_match_the_reference(name):
     """make_policy(name, [[k_00, k_01], [k_10, k_11]]): kv head h of layer l keeps its own top k_lh states (PerHead:
     budget() is a (1, Hkv, 1) tensor, and each kv head is a row of its own to the policy)."""

@@ -17,10 +17,10 @@ from msrnn.errors import MsrnnError
 from msrnn.batch import RowPolicies
 from msrnn.policies import POLICIES, POSITION_SCHEMES, Policy, layer_budgets, make_policy
 from msrnn.state import EMPTY
-from tiny import hf_model, save
+from tiny import POLICY_NAMES, hf_model, save
 
 TOL = 1e-5  # fp32: the same operations in another order (matrix products over the chunk instead of one token)
-BUILT_IN = list(POLICIES)
+BUILT_IN = list(POLICY_NAMES)
 
 
 def held(state) -> list:

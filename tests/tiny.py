@@ -61,3 +61,14 @@ def hf_scan(model, tokens: torch.Tensor, drop=None) -> torch.Tensor:
                 for i, layer in enumerate(cache.layers):
                     layer.keys, layer.values = drop(i, layer.keys, layer.values, res.attentions[i])
     return torch.stack(out, dim=1)
+
+
+def _any_model_policies() -> list[str]:
+    """The built-in policies that run on any model: `retrieval` reads a calibration of one model (the bundled
+    SmolLM2's by default) and is tested with calibrations of the tiny models in tests/test_retrieval.py."""
+    from msrnn.policies import POLICIES
+
+    return [name for name in POLICIES if name != "retrieval"]
+
+
+POLICY_NAMES = _any_model_policies()
