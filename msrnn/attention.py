@@ -58,7 +58,7 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if valid is not None:
         pos = pos.masked_fill(~valid, EMPTY)  # a padding token never enters: its slot is EMPTY from the start
     elif bounded and each_token and T == 1 and not rotates_at_use(scheme) and layer_state.holds_exactly(policy):
-        return ring_step(q, k, v, layer_state, pos, policy, window)  # the common decode step, in fewer operations
+        return ring_step(q, k, v, layer_state, pos, policy, window, inv_freq)  # the common decode step, in fewer operations
     if bounded and each_token and T > 1:
         layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
     n0 = layer_state.size
@@ -84,7 +84,8 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     if bounded and not each_token and S > policy.min_budget():  # fast: one eviction by the last query
         kpos = layer_state.pos[:, :, :S]
         last = probs.reshape(B, H, T, S)[:, :, -1] if probs is not None else None
-        prio = ask(policy, last, kpos, layer_state.score[:, :, :S], layer_state, S)
+        queries = q[:, :, :, -1].reshape(B, H, hd) if policy.needs_queries else None  # (B, H, hd) the last query
+        prio = ask(policy, last, kpos, layer_state.score[:, :, :S], layer_state, S, queries, rope_at(inv_freq, -1))
         layer_state.keep_top(check_priority(policy, prio, kpos, nan=True), policy.budget())
     if layer_state.trace is not None and first:  # what the layer holds after the parallel part's last token
         layer_state.trace(pos[:, first - 1], layer_state.pos[:, :, : n0 + first])
@@ -103,12 +104,13 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     return out.view(B, Hkv, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)  # (B, T, H*hd)
 
 
-def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor:
+def ring_step(q, k, v, layer_state, pos, policy: Policy, window, inv_freq=None) -> torch.Tensor:
     """One token through a layer that holds exactly its k states: the recurrence's steady state, as one write.
 
     The newest state enters the spare slot, its query attends over the k + 1 states, and the state of lowest
     priority gives its slot to the newest (mistral-inference's ring buffer, `pos % window`, generalised to any
-    policy). Same arithmetic as `scan` with T = 1, without the bookkeeping a chunk or a ragged batch needs."""
+    policy). Same arithmetic as `scan` with T = 1, without the bookkeeping a chunk or a ragged batch needs.
+    inv_freq: the RoPE frequencies, for a policy that needs_queries."""
     B, Hkv, G, _, hd = q.shape
     layer_state.append(k, v, pos)  # k -> k + 1 candidates, the newest in the last slot
     S = layer_state.size
@@ -118,7 +120,8 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window) -> torch.Tensor
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:
         score.copy_(update_score(policy, score, attn[:, :, None]))
-    prio = ask(policy, attn, kpos, score, layer_state, S)  # (B, 1 or Hkv, S)
+    queries = q.view(B, Hkv * G, hd) if policy.needs_queries else None  # (B, H, hd)
+    prio = ask(policy, attn, kpos, score, layer_state, S, queries, rope_at(inv_freq, 0))  # (B, 1 or Hkv, S)
     prio = check_priority(policy, prio, kpos)  # its shape and dtype; NaN is checked once per step, after the last
     layer_state.unranked = prio.isnan().flatten(1).any(1)  # layer (B,): no host sync here (check_unranked)
     layer_state.replace_lowest(prio)
@@ -138,16 +141,25 @@ def check_unranked(layer_states, policy_of) -> None:
         raise nan_error(policy_of(i), int(rows.nonzero()[0]))
 
 
-def ask(policy: Policy, attn, pos, score, layer_state, S: int):
+def ask(policy: Policy, attn, pos, score, layer_state, S: int, queries=None, inv_freq=None):
     """policy.priority(attn, pos, score), and the layer's keys and/or values (B, Hkv, S, hd) for a policy that asks
     for them (needs_keys: KeyDiff; needs_values), or the values' norms (B, Hkv, S) that the state keeps
-    (needs_value_norms: tova-value). Slots do not move inside a scan: one view serves."""
+    (needs_value_norms: tova-value), or the newest query (B, H, hd) and the RoPE frequencies (hd/2,) (needs_queries:
+    expected-attention). Slots do not move inside a scan: one view serves."""
     extra = {"keys": layer_state.keys[:, :, :S]} if policy.needs_keys else {}
+    if policy.needs_queries:
+        extra["queries"], extra["inv_freq"] = queries, inv_freq
     if policy.needs_values:
         extra["values"] = layer_state.values[:, :, :S]
     if policy.needs_value_norms:
         extra["value_norms"] = layer_state.value_norms()[:, :, :S]
     return policy.priority(attn, pos, score, **extra)
+
+
+def rope_at(inv_freq, t: int):
+    """The RoPE frequencies (hd/2,) of query t: inv_freq is (hd/2,), or (T, hd/2) with one row per query (dynamic
+    scaling stepped token by token), or None (msrnn.hf without a policy that needs_queries)."""
+    return inv_freq[t] if inv_freq is not None and inv_freq.dim() == 2 else inv_freq
 
 
 def update_score(policy: Policy, score, attn, valid=None):
@@ -279,7 +291,9 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
             score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
-        prio = check_priority(policy, ask(policy, attn, pos, score, layer_state, S), pos, nan=t == T - 1)  # NaN: once a chunk
+        queries = (qt if scores is None else q[:, :, :, t]).reshape(B, Hkv * G, hd) if policy.needs_queries else None
+        prio = ask(policy, attn, pos, score, layer_state, S, queries, rope_at(inv_freq, t))  # (B, 1 or Hkv, S)
+        prio = check_priority(policy, prio, pos, nan=t == T - 1)  # NaN: once a chunk
         if plain:
             live += 1
             if live > budget:  # one state out: the lowest priority (the oldest of equals: slots are in order)

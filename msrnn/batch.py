@@ -12,7 +12,9 @@ from typing import Sequence
 
 import torch
 
+from .errors import InputError
 from .policies import Policy, built_in, check_policy, check_priority, check_score, take_flags
+from .rope import rotates_at_use
 
 
 class RowPolicies(Policy):
@@ -36,6 +38,9 @@ class RowPolicies(Policy):
         positions = members[0].positions if len(schemes) == 1 else tuple(m.positions for m in members for _ in range(rows))
         self.members, self.rows = list(members), rows
         take_flags(self, members)
+        if self.needs_queries and rotates_at_use(positions):  # every row would cache un-rotated keys and queries
+            raise InputError("a policy that reads the newest query (expected-attention) cannot share a batch with "
+                             "rows whose positions rotate keys at use (shift, loglog); run them in separate batches.")
         self._layers = {}  # (layer, layers) -> the RowPolicies of the members' policies for that layer
         if not bound and any(type(m).at_layer is not Policy.at_layer for m in members):  # budgets per layer:
             self.states, self.positions = [m.states for m in members], positions  # bound by at_layer
@@ -80,9 +85,11 @@ class RowPolicies(Policy):
                 out[a:b] = check_score(m, m.update(score[a:b], attn[a:b]), score[a:b])  # no broadcast into a block
         return out
 
-    def priority(self, attn, pos, score, keys=None, values=None, value_norms=None):
+    def priority(self, attn, pos, score, keys=None, values=None, value_norms=None, queries=None, inv_freq=None):
         return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b],
                                                        **({"keys": keys[a:b]} if m.needs_keys else {}),
+                                                       **({"queries": queries[a:b], "inv_freq": inv_freq}
+                                                          if m.needs_queries else {}),
                                                        **({"values": values[a:b]} if m.needs_values else {}),
                                                        **({"value_norms": value_norms[a:b]}
                                                           if m.needs_value_norms else {})),

@@ -117,7 +117,7 @@ class Config:
             sliding_window=window,
             bos_token_id=bos,
             eos_token_id=eos,
-            rope=_rope_from_dict(d),
+            rope=rope_from_dict(d),
         )
 
     @classmethod
@@ -161,7 +161,7 @@ def _float(d: dict, key: str, default: float, source: dict | None = None) -> flo
     return float(value)
 
 
-def _rope_from_dict(d: dict) -> RopeConfig:
+def rope_from_dict(d: dict) -> RopeConfig:
     """RoPE settings from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling` (older files)."""
     params = d.get("rope_parameters")
     if params is None:

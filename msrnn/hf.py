@@ -48,8 +48,10 @@ import torch
 
 from .errors import CheckpointError, InputError
 from .attention import attend, check_unranked
+from .config import rope_from_dict
 from .model import PREFILL_MODES
 from .policies import Policy, layer_budgets
+from .rope import inv_frequencies
 from .state import EMPTY, LayerState, State
 
 try:
@@ -80,6 +82,7 @@ class PolicyLayer(CacheLayerMixin):
         self.state: LayerState | None = None
         self.seen = 0  # tokens fed, padding included: what transformers calls the cache's sequence length
         self.pending = None  # (keys, values, positions) handed from update() to policy_attention
+        self.rope = None  # (RopeConfig, length, inv_freq (hd/2,)) for a policy that needs_queries (frequencies)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -275,10 +278,25 @@ def policy_attention(module, query, key, value, attention_mask, scaling=None, dr
     q = query.view(B, Hkv, H // Hkv, T, hd)  # query head h reads kv head h // G, as transformers' repeat_kv
     if scaling is not None and not math.isclose(scaling, hd**-0.5, rel_tol=1e-6):
         q = q * (scaling * math.sqrt(hd))  # msrnn scales by 1/sqrt(hd); fold a model's own scaling into q
-    out = attend(q, k, v, layer.state, pos, policy, each_token, "absolute", None, sliding_window,
+    inv_freq = frequencies(layer, module, hd, k.device) if getattr(policy, "needs_queries", False) else None
+    out = attend(q, k, v, layer.state, pos, policy, each_token, "absolute", inv_freq, sliding_window,
                  valid=attention_mask, fused=True)  # (B, T, H*hd)
     check_unranked([layer.state], lambda i: policy)
     return out.view(B, T, H, hd), None
+
+
+def frequencies(layer: PolicyLayer, module, hd: int, device) -> torch.Tensor:
+    """The model's RoPE frequencies (hd/2,), for a policy that reads the newest query (needs_queries:
+    expected-attention), from the attention module's config as msrnn's own model computes them; kept on the layer
+    (dynamic scaling: recomputed for the tokens fed so far, which transformers' rotation may round otherwise)."""
+    if layer.rope is None:
+        layer.rope = (rope_from_dict(module.config.to_dict()), None, None)
+    rope, length, inv_freq = layer.rope
+    seen = layer.seen if rope.type == "dynamic" else 0
+    if length != seen:
+        inv_freq = inv_frequencies(rope, hd, module.config.max_position_embeddings, seen).to(device)
+        layer.rope = (rope, seen, inv_freq)
+    return inv_freq
 
 
 def _new_tokens_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -109,12 +109,13 @@ class Reference:
         p = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1, dtype=torch.float32)  # (Hkv, G, n+1)
         o = (p.to(V.dtype) @ V).reshape(H * hd)  # (H*hd,) the heads side by side
         if policy is not None:
-            self.evict(policy, memory, p.reshape(1, H, -1))  # (1, H, n+1) per query head
+            self.evict(policy, memory, p.reshape(1, H, -1), qg.reshape(1, H, hd), inv_freq)  # (1, H, n+1) per query head
         return o
 
-    def evict(self, policy, memory: list[Memory], attn: torch.Tensor) -> None:
+    def evict(self, policy, memory: list[Memory], attn: torch.Tensor, query: torch.Tensor, inv_freq) -> None:
         """H^l_t = pi_k(K_t, V_t; p_t): ask the policy for a priority s_j per state, and in every kv head h keep
-        its top budget[h] states. attn (1, H, n+1) is the new query's attention."""
+        its top budget[h] states. attn (1, H, n+1) is the new query's attention; query (1, H, hd) that query, as it
+        attended (rotated), and inv_freq (hd/2,) the RoPE frequencies it was rotated with."""
         Hkv = self.cfg.num_key_value_heads
         pos = torch.stack([s.pos for s in memory], dim=1)[None]  # (1, Hkv, n+1) the contract's positions
         score = torch.stack([s.score for s in memory], dim=1)[None]  # (1, Hkv, n+1)
@@ -127,6 +128,8 @@ class Reference:
         if not bool((held.sum(-1) > budget).any()):
             return  # n + 1 <= k in every kv head: nothing to drop
         extra = {}  # what the policy asked for (needs_keys: KeyDiff; needs_values; needs_value_norms: tova-value)
+        if policy.needs_queries:  # the newest query and its RoPE frequencies (expected-attention)
+            extra["queries"], extra["inv_freq"] = query, inv_freq
         if policy.needs_keys:
             extra["keys"] = torch.stack([s.k for s in memory], dim=1)[None]  # (1, Hkv, n+1, hd) as cached
         if policy.needs_values or policy.needs_value_norms:

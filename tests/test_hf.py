@@ -165,6 +165,7 @@ def test_beam_search_reorders_the_rows(llama):
 
 # --- Qwen2 (msrnn does not load it): against transformers' DynamicCache evicted by the policy, token by token ----
 ORACLE = "msrnn-test-eager"  # the model's own eager attention, without transformers' mask (see policy_scan)
+QUERIES = {}  # layer index -> (B, H, hd) the newest query the oracle's attention was given (expected-attention)
 
 
 def eager_unmasked(module, query, key, value, attention_mask, **kwargs):
@@ -173,6 +174,7 @@ def eager_unmasked(module, query, key, value, attention_mask, **kwargs):
     layer (layer 0's), which is wrong when the layers hold different numbers of states (PyramidKV)."""
     import sys
 
+    QUERIES[module.layer_idx] = query[:, :, -1]
     return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, None, **kwargs)
 
 
@@ -205,6 +207,10 @@ def policy_scan(hf, ids, policy):
             extra = {"keys": layer.keys} if p.needs_keys else {}  # KeyDiff reads the (rotated) keys held
             if p.needs_value_norms:  # tova-value weighs attention by the values held: recomputed here every step
                 extra["value_norms"] = layer.values.float().abs().sum(dim=-1)  # (B, Hkv, n) |v_j|_1 per kv head
+            if p.needs_values:
+                extra["values"] = layer.values
+            if p.needs_queries:  # the newest (rotated) query, and the model's own RoPE frequencies
+                extra["queries"], extra["inv_freq"] = QUERIES[i], hf.model.rotary_emb.inv_freq
             prio = p.priority(attn if p.needs_attention else None, pos[i], score[i], **extra).expand_as(score[i])
             n = prio.shape[-1]
             if n > p.states:

@@ -18,7 +18,7 @@ from msrnn.config import Config, RopeConfig
 from msrnn.errors import MsrnnError
 from msrnn.policies import POLICIES, POSITION_SCHEMES, make_policy
 from msrnn.reference import Reference
-from tiny import POLICY_NAMES
+from tiny import POLICY_NAMES, schemes
 from msrnn.state import EMPTY
 
 TOL = 1e-5
@@ -114,7 +114,8 @@ def cases(draw):
                  rope=draw(st.sampled_from(["default", "linear", "dynamic"])), seed=draw(st.integers(0, 99)),
                  max_pos=draw(st.sampled_from([8, 64])),  # 8: rebase renumbers, dynamic RoPE scales within T
                  window=draw(st.one_of(st.none(), st.integers(2, 8))) if model_type == "mistral" else None)
-    name, positions = draw(st.sampled_from(NAMES)), draw(st.sampled_from(POSITION_SCHEMES))
+    name = draw(st.sampled_from(NAMES))
+    positions = draw(st.sampled_from(POSITION_SCHEMES if name == "full" else schemes(name)))
     policy = None
     if name != "full":
         k0 = smallest(name, positions)

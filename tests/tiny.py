@@ -1,6 +1,7 @@
 """Tiny random Llama/Mistral checkpoints built with transformers (the oracle) in milliseconds, for tests."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -72,3 +73,19 @@ def _any_model_policies() -> list[str]:
 
 
 POLICY_NAMES = _any_model_policies()
+
+
+@functools.lru_cache
+def schemes(name: str) -> list[str]:
+    """The position schemes policy `name` accepts (expected-attention refuses those that rotate keys at use)."""
+    from msrnn.errors import MsrnnError
+    from msrnn.policies import POSITION_SCHEMES, make_policy
+
+    def accepts(scheme):
+        try:
+            make_policy(name, 64, positions=scheme)
+            return True
+        except MsrnnError:
+            return False
+
+    return [s for s in POSITION_SCHEMES if accepts(s)]

@@ -19,8 +19,11 @@ probabilities of all T new queries, attn (B, H, T, n); T is 1 in the recurrence 
 A policy that sets `needs_values = True` is also given the states' values, `priority(attn, pos, score, values=...)`
 with values (B, Hkv, n, hd) (a view of the state: read, never write); one that sets `needs_value_norms = True` is
 given value_norms=(B, Hkv, n), the L1 norm of each state's value per kv head, which the state computes once when a
-state enters instead of at every step (tova-value). Every other policy is called with the three arguments above, so
-a policy written for them keeps working.
+state enters instead of at every step (tova-value). One that sets `needs_queries = True` is given queries=(B, H, hd),
+the newest token's query per query head, rotated at its position as attention used it, and inv_freq=(hd/2,), the
+layer's RoPE frequencies at that step, to turn it to other positions (ExpectedAttention); position schemes that
+rotate keys at use (shift, loglog) are refused for such a policy. Every other policy is called with the three
+arguments above, so a policy written for them keeps working.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class Policy:
     needs_values = False  # True: priority is also given values=(B, Hkv, n, hd), the states' values
     needs_value_norms = False  # True: priority is also given value_norms=(B, Hkv, n), |v_j|_1 per kv head
     needs_keys = False  # True: priority also takes keys=(B, Hkv, n, hd), the keys the layer holds (KeyDiff)
+    needs_queries = False  # True: priority also takes queries=(B, H, hd) (the newest, rotated) and inv_freq=(hd/2,)
     heads = None  # (k_0, ..., k_{Hkv-1}): a budget per kv head (PerHead), or None: `states` for every head
 
     def __init_subclass__(cls, **kwargs):
@@ -142,7 +146,7 @@ def nan_error(policy: Policy, row: int) -> InputError:
 # What the model asks of a policy, and how a policy made of several (PerLayer: one per layer; RowPolicies: one per
 # block of rows) answers for its members: it needs something if any member does, is layer-local if all are.
 CONTRACT_FLAGS = (("needs_attention", any), ("keeps_score", any), ("drops", any), ("needs_keys", any),
-                  ("needs_values", any), ("needs_value_norms", any), ("layer_local", all))
+                  ("needs_values", any), ("needs_value_norms", any), ("needs_queries", any), ("layer_local", all))
 
 
 def take_flags(policy: Policy, members) -> None:
@@ -159,7 +163,8 @@ class PerHead(Policy):
     A kv head with a budget of its own decides on its own: the policy sees each kv head as a batch row of its own
     (attn (B, H, n) -> (B*Hkv, G, n): its G query heads; pos, score -> (B*Hkv, 1, n)), so a layer-wide policy such
     as TOVA (one decision for all heads, the head-mean of attention) ranks each head's states by that head's own
-    group of queries, as tova-head does. Head-wise policies (tova-head, h2o...) decide exactly as without it.
+    group of queries, as tova-head does (queries (B, H, hd) -> (B*Hkv, G, hd) alike). Head-wise policies
+    (tova-head, h2o...) decide exactly as without it.
     `states` is the largest k_h (the slots the layer needs); settings derived from k when the policy was made
     (H2O's recent half, SnapKV's window) keep that value (make_policy makes it with the smallest k_h)."""
 
@@ -179,7 +184,9 @@ class PerHead(Policy):
 
     def priority(self, attn, pos, score, **extra):
         B, Hkv, n = pos.shape
-        rows = {k: v.reshape(B * Hkv, 1, *v.shape[2:]) for k, v in extra.items()}  # keys, values, value_norms
+        # keys, values, value_norms (B, Hkv, ...) -> (B*Hkv, 1, ...); queries (B, H, hd) -> (B*Hkv, G, hd);
+        # inv_freq (hd/2,) is the layer's, the same for every row
+        rows = {k: v if k == "inv_freq" else v.reshape(B * Hkv, -1, *v.shape[2:]) for k, v in extra.items()}
         prio = self.inner.priority(None if attn is None else attn.reshape(B * Hkv, -1, n),
                                    pos.reshape(B * Hkv, 1, n), score.reshape(B * Hkv, 1, n), **rows)
         return check_priority(self.inner, prio, pos.reshape(B * Hkv, 1, n)).view(B, Hkv, n)

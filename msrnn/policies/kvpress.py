@@ -1,5 +1,6 @@
 """kvpress's field: policies from later papers, in the same contract. SnapKV (the observation window's votes),
-PyramidKV (SnapKV with a budget per layer) and KeyDiff (keys that point away from the mean key)."""
+PyramidKV (SnapKV with a budget per layer), KeyDiff (keys that point away from the mean key) and ExpectedAttention
+(the attention future queries can be expected to give, under RoPE)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import math
 import torch
 
 from ..errors import InputError
-from .base import INF, Policy, newest, per_kv_head
+from ..rope import rotate, rotates_at_use
+from .base import INF, Policy, newest, per_kv_head, whole
 
 
 class SnapKV(Policy):
@@ -145,3 +147,70 @@ class KeyDiff(Policy):
         anchor = unit.sum(dim=2, keepdim=True) / held.sum(dim=2, keepdim=True).clamp(min=1)  # (B, Hkv, 1, hd)
         return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1).float()  # (B, Hkv, n)
 
+
+
+class ExpectedAttention(Policy):
+    """Expected attention (kvpress's ExpectedAttentionPress, Devoto et al. 2025): rank each state by the attention
+    that *future* queries can be expected to give it, not the one the newest query gave it. Under RoPE a query i
+    positions ahead meets key k_j turned by R_i, so a future query is modelled from the newest one, q (rotated at
+    its position t), turned on by the mean rotation of the next n positions, per query head h:
+
+        qbar_h = (1/n) sum_{i=1..n} R_i q_h  =  q_h * c + rotate_half(q_h) * s,   c = mean_i cos(i w), s = mean_i sin(i w)
+        a_hj   = softmax_j(qbar_h . k_j / sqrt(hd))                       over the states the kv head holds
+        priority_j = (mean_{h in kv head's group} a_hj + epsilon) * ||v_j||_2,    the first `sinks` tokens: +inf
+
+    (w: the layer's RoPE frequencies inv_freq; the mean of the rotations is the rotation by the mean cos and sin,
+    as rotation is linear in them). kvpress estimates a Gaussian of future queries from a prompt's queries, mean mu
+    and covariance Sigma (un-rotated, from the hidden states), turned by the same mean rotation, and scores
+    exp(mu.k/sqrt(d) + k^T Sigma k / (2d)) (E[exp(q.k/sqrt(d))] of q ~ N(mu, Sigma)), normalised, times ||v||_2.
+    A msrnn policy decides at every step and keeps no statistics but a score per state, so here the mean is the
+    newest query alone and Sigma = 0: kvpress's `use_covariance=False`, re-estimated at every token (a moving
+    estimate of the next queries, where kvpress fixes one at the end of the prompt). The newest query comes through
+    the contract's `needs_queries` (queries (B, H, hd), inv_freq (hd/2,)). Defaults as kvpress's: n = 512
+    future positions, 4 sinks, epsilon 0. Head-wise, in fp64 (the softmax sums over held slots in slot order,
+    which differs between the layer-major scan and the token-by-token recurrence). Positions that rotate keys at
+    use (shift, loglog) are refused: keys are cached un-rotated there; rebase is fine (queries and keys are
+    renumbered together). Mistral's sliding window is not modelled (a state past it still gets its score)."""
+
+    name = "expected-attention"
+    needs_attention = False
+    needs_keys = True
+    needs_values = True  # ||v_j||_2 (the state's value_norms are L1)
+    needs_queries = True
+    drops = False
+
+    def __init__(self, states: int, future: int = 512, sinks: int = 4, epsilon: float = 0.0,
+                 positions: str = "absolute"):
+        super().__init__(states, positions)
+        if rotates_at_use(positions):
+            raise InputError(f"{self.name}: positions={positions!r} rotates keys at every use, which this policy "
+                             "does not model; use positions='absolute' or 'rebase'.")
+        self.future, self.sinks = whole(self.name, "future", future), whole(self.name, "sinks", sinks)
+        if future < 1:
+            raise InputError(f"{self.name}: future={future} must be >= 1 (how many next positions are averaged).")
+        if sinks < 0 or sinks >= states:
+            raise InputError(f"{self.name}: {sinks} sink tokens leave no room in states={states}; give states > "
+                             f"sinks (e.g. states={sinks + 60}) or fewer sinks.")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+            raise InputError(f"{self.name}: epsilon={epsilon!r} must be a number >= 0.")
+        self.epsilon = float(epsilon)
+
+    def future_query(self, queries, inv_freq) -> torch.Tensor:
+        """(..., hd) fp64: each query turned by the mean rotation of the next `future` positions."""
+        steps = torch.arange(1, self.future + 1, dtype=torch.float64, device=queries.device)  # (n,)
+        angles = steps[:, None] * inv_freq.to(queries.device, torch.float64)  # (n, hd/2)
+        c, s = angles.cos().mean(0), angles.sin().mean(0)  # (hd/2,) each
+        return rotate(queries.double(), torch.cat((c, c)), torch.cat((s, s)))
+
+    def priority(self, attn, pos, score, keys=None, values=None, queries=None, inv_freq=None):
+        B, Hkv, n, hd = keys.shape
+        qbar = self.future_query(queries, inv_freq).view(B, Hkv, -1, hd)  # (B, Hkv, G, hd)
+        logits = (qbar @ keys.double().transpose(-1, -2)) / math.sqrt(hd)  # (B, Hkv, G, n)
+        logits = logits.masked_fill((pos == -1)[:, :, None], -INF)  # an empty slot takes no share
+        expected = logits.softmax(dim=-1).mean(dim=2)  # (B, Hkv, n) the group's mean expected attention
+        prio = (expected + self.epsilon) * values.double().norm(dim=-1)  # times ||v_j||_2
+        return prio.float().masked_fill(pos < self.sinks, INF)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(states={self.states}, future={self.future}, sinks={self.sinks}, "
+                f"epsilon={self.epsilon})")

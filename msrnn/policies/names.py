@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .base import PerHead, PerLayer, Policy
-from .kvpress import KeyDiff, PyramidKV, SnapKV
+from .kvpress import ExpectedAttention, KeyDiff, PyramidKV, SnapKV
 from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASink, TOVAValue
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
 from .retrieval import Retrieval
@@ -19,7 +19,7 @@ FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
                         TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV, TOVAValue,
-                        TOVADecayHead, TOVAFit, PyramidKV, KeyDiff, Retrieval)
+                        TOVADecayHead, TOVAFit, PyramidKV, KeyDiff, Retrieval, ExpectedAttention)
 }
 
 
