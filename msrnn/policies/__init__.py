@@ -19,5 +19,5 @@ from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASin
 from .names import (FULL, POLICIES, load_policy_file, make_policy, parse_spec, parse_states, policy_class,
                     read_budgets, unknown_setting)
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
-from .retrieval import HeadMix, Retrieval, head_budgets, read_calibration
+from .retrieval import HeadMix, Retrieval, TOVAOutliers, head_budgets, read_calibration
 

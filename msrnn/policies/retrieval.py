@@ -26,6 +26,7 @@ import torch
 
 from ..errors import InputError
 from .base import INF, Policy, per_kv_head, whole
+from .kvpress import KeyDiff
 
 BUNDLED = Path(__file__).resolve().parent.parent / "calibrations" / "smollm2-135m-instruct.json"
 
@@ -126,3 +127,35 @@ class Retrieval(Policy):
 
     def __repr__(self) -> str:
         return f"Retrieval(states={self.states}, ratio={self.ratio}, stream={self.stream}, sinks={self.sinks})"
+
+
+class TOVAOutliers(Policy):
+    """TOVA with a reserve for outliers: per kv head, the `share` of the budget whose keys stand furthest from the
+    rest (KeyDiff's score) always stays, and TOVA ranks the others by the attention of that head's own queries:
+
+        outlier_j  = -cos(k_j, mean_i k_i / |k_i|)                 KeyDiff (msrnn/policies/kvpress.py)
+        priority_j = +inf  if j is among the share * k most outlying states of its kv head
+                     mean over the head's query heads of a_j    otherwise (tova-head)
+
+    The idea: a fact unlike its surroundings (a number in prose) has a key unlike theirs, so it may survive the
+    recency that attention alone favours, before anyone asks for it."""
+
+    name = "tova-outliers"
+    needs_keys = True
+    drops = False
+    min_states = 2
+
+    def __init__(self, states: int, share: float = 0.25, positions: str = "absolute"):
+        super().__init__(states, positions)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise InputError(f"{self.name}: share={share!r} must be a number in (0, 1).")
+        self.share, self.reserve = float(share), max(1, min(states - 1, round(states * share)))
+
+    def priority(self, attn, pos, score, keys=None):
+        outlying = KeyDiff.priority(self, None, pos, score, keys=keys).masked_fill(pos == -1, -INF)  # (B, Hkv, n)
+        top = outlying.topk(min(self.reserve, pos.shape[-1]), dim=-1).indices  # (B, Hkv, r)
+        attention = per_kv_head(attn, pos.shape[1]).mean(dim=2)  # (B, Hkv, n) tova-head
+        return attention.scatter(-1, top, INF)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(states={self.states}, share={self.share})"
