@@ -162,3 +162,36 @@ def test_per_head_budgets_are_parsed_and_checked(models, tmp_path):
         make_policy("h2o", [[4, 1]])
     with pytest.raises(InputError, match="per layer"):
         make_policy("pyramidkv", [[4, 4]])
+
+
+def test_per_head_budgets_through_policy_cache_equal_msrnn(models, tmp_path):
+    """msrnn.hf.PolicyCache keeps the same states per kv head as msrnn's own recurrence (retrieval too, with a
+    calibration of this model)."""
+    hf_bridge = pytest.importorskip("msrnn.hf")
+    hf, model = models["llama"]
+    hf.set_attn_implementation(hf_bridge.ATTENTION)
+    cal = tmp_path / "cal.json"
+    cal.write_text('{"layers": 3, "kv_heads": 2, "ranking": [[1, 1], [0, 0], [2, 0], [0, 1], [1, 0], [2, 1]]}')
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(6))
+    for policy in (make_policy("tova", [[6, 2], [3, 5], [4, 4]]), make_policy("h2o", [[2, 8], [4, 4], [6, 2]]),
+                   make_policy(f"retrieval(calibration={str(cal)!r}, ratio=2, stream=0.5, sinks=1)", 4)):
+        ours, state = stepped(model, x, policy)
+        cache = hf_bridge.PolicyCache(policy)
+        with torch.no_grad():
+            theirs = torch.cat([hf(x[:, t : t + 1], cache=cache).logits for t in range(16)], dim=1)
+        assert (theirs - ours).abs().max() <= TOL
+        for layer, mine in zip(cache.layers, state.layers):
+            pos = layer.positions
+            assert [[sorted(p for p in head.tolist() if p >= 0) for head in row] for row in pos] == \
+                [[sorted(p for p in head.tolist() if p >= 0) for head in row] for row in mine.pos[:, :, : mine.size]]
+
+
+def test_a_saved_per_head_state_continues_as_if_never_saved(models, tmp_path):
+    _, model = models["llama"]
+    policy = make_policy("tova-decay", [[6, 2], [3, 5], [4, 4]])
+    x = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(7))
+    _, state = model.prefill(x[:, :12], policy=policy)
+    state.save(tmp_path / "s.safetensors")
+    whole, _ = model.prefill(x[:, 12:], state, policy, all_logits=True)
+    again, _ = model.prefill(x[:, 12:], msrnn.State.load(tmp_path / "s.safetensors"), policy, all_logits=True)
+    assert (whole - again).abs().max() == 0
