@@ -115,7 +115,8 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window, inv_freq=None) 
     layer_state.append(k, v, pos)  # k -> k + 1 candidates, the newest in the last slot
     S = layer_state.size
     kpos, score = layer_state.pos[:, :, :S], layer_state.score[:, :, :S]  # (B, Hkv, S) views
-    probs = attention_probs(q, layer_state.keys[:, :, :S], pos, kpos, window, all_visible=window is None)
+    probs = attention_probs(q, layer_state.keys[:, :, :S], pos, kpos, window,
+                            all_visible=window is None and not layer_state.maybe_empty)  # holes: budgets per head
     out = probs.view(B, Hkv, G, S).to(v.dtype) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd), before a slot is reused
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:

@@ -153,7 +153,7 @@ class PolicyLayer(CacheLayerMixin):
             s.keys, s.values = s.keys.index_select(0, index), s.values.index_select(0, index)
             s.pos, s.score = s.pos.index_select(0, index), s.score.index_select(0, index)
             s.norms = None if s.norms is None else s.norms.index_select(0, index)
-            s.maybe_empty = True
+            s.maybe_empty, s.full_at = True, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rows(beam_idx)

@@ -58,6 +58,9 @@ class LayerState:
     # norms (B, Hkv, C) fp32: l1_norms(values) of every slot, kept only once a policy has asked (value_norms());
     # a value never changes while its state is held, so its norm is computed when it enters and moves with its slot
     norms: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # full_at: the states each kv head holds, the same in every row, as compact() last counted them (replace_lowest
+    # keeps it true: one in, one out); lets a layer with budgets per kv head take the one-slot decode step
+    full_at: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.size
@@ -143,17 +146,24 @@ class LayerState:
     def holds_exactly(self, policy) -> bool:
         """The layer is full: it holds its policy's one budget k in slots [0, k), none of them empty, and the
         policy never asks to "drop now" (so one token in means exactly one state out: see replace_lowest)."""
+        heads = policy.heads  # budgets per kv head: each head full to its own, the smaller ones with EMPTY holes
+        if heads is not None:
+            return self.full_at == heads and self.size == max(heads) and not policy.drops
         budget = policy.budget()  # (B, 1, 1) when rows have budgets of their own: the general path
         return isinstance(budget, int) and self.size == budget and not self.maybe_empty and not policy.drops
 
     def replace_lowest(self, priority: torch.Tensor) -> None:
         """The recurrence's eviction in a full layer whose newest state sits in the last slot: the state of lowest
         priority (ties: the oldest) leaves, and the newest moves into its slot (or leaves itself, if it is the
-        lowest). One slot written per row and kv head. priority (B, 1 or Hkv, n) float."""
+        lowest). One slot written per row and kv head. priority (B, 1 or Hkv, n) float. EMPTY slots (the holes of
+        a kv head whose budget is smaller than the layer's largest) are never chosen."""
         n, hd = self.size, self.keys.shape[-1]
         pos = self.pos[:, :, :n]  # (B, Hkv, n)
-        prio = priority.float().expand(pos.shape)
-        slot = oldest_lowest(prio, pos)  # (B, Hkv, 1)
+        prio, hidden = priority.float().expand(pos.shape), None
+        if self.maybe_empty:
+            hidden = pos == EMPTY
+            prio = prio.masked_fill(hidden, INF)
+        slot = oldest_lowest(prio, pos, hidden)  # (B, Hkv, 1)
         for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
             buf.scatter_(2, slot[..., None].expand(-1, -1, -1, hd), buf[:, :, n - 1 : n].clone())
         for buf in self._per_slot():  # (B, Hkv, C)
@@ -192,6 +202,7 @@ class LayerState:
         counts = live.sum(dim=-1)  # (B, Hkv)
         size = int(counts.max()) if n else 0
         self.maybe_empty = bool((counts < size).any())
+        self.full_at = tuple(counts[0].tolist()) if n and bool((counts == counts[:1]).all()) else None
         if size == n:
             return
         slot = torch.arange(n, device=self.pos.device)

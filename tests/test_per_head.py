@@ -195,3 +195,19 @@ def test_a_saved_per_head_state_continues_as_if_never_saved(models, tmp_path):
     whole, _ = model.prefill(x[:, 12:], state, policy, all_logits=True)
     again, _ = model.prefill(x[:, 12:], msrnn.State.load(tmp_path / "s.safetensors"), policy, all_logits=True)
     assert (whole - again).abs().max() == 0
+
+
+def test_a_full_layer_with_budgets_per_head_takes_the_one_slot_step(models, monkeypatch):
+    """Once every kv head holds its own budget, a decode step writes one slot per head (attention.ring_step, the
+    smaller heads' EMPTY holes masked and never chosen), with the logits and states of the general path."""
+    import msrnn.attention as attention
+
+    _, model = models["mistral"]
+    policy = make_policy("tova", [[6, 2], [3, 5], [4, 4]])
+    x = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(8))
+    general, state = model.prefill(x, policy=policy, all_logits=True, chunk=24)  # the general path (a chunk)
+    calls, ring = [], attention.ring_step
+    monkeypatch.setattr(attention, "ring_step", lambda *a, **k: calls.append(1) or ring(*a, **k))
+    by_step, state2 = stepped(model, x, policy)
+    assert (by_step - general).abs().max() <= TOL and held(state2) == held(state)
+    assert len(calls) >= 3 * (24 - 7)  # every layer, from soon after its largest budget is reached
