@@ -68,7 +68,8 @@ def policy_options(p, policy: str | None, states: int | None, note: str = "", pr
                    several_positions: bool = False) -> None:
     p.add_argument("--policy", default=policy, help=f"which states to keep: {POLICY_FORMS}{note}")
     p.add_argument("--states", type=states_arg, default=states, metavar="K",
-                   help='the policy\'s budget: states per layer, or one per layer as "[96,64,32]" (layer 0 first)')
+                   help='the policy\'s budget: states per layer, one per layer as "[96,64,32]" (layer 0 first), one per kv '
+                        'head of each layer as "[[512,64,64],...]", or a budgets .json file (msrnn calibrate)')
     if several_positions:  # checked by the command (msrnn.stream.parse_positions)
         p.add_argument("--positions", default=None, metavar="SCHEMES",
                        help=f"position schemes of the kept states, comma-separated to compare several "

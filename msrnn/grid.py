@@ -27,31 +27,47 @@ def parse_grid(policies: str, states: str, positions: str | None = None,
 
 
 def parse_budgets(states: str) -> list:
-    """--states of a grid as typed: "64,128" or "64,[96,64,32]" (one budget per layer in brackets, layer 0 first)
-    -> the distinct budgets, smallest mean first: ints, or tuples of per-layer budgets (`budget_key`)."""
-    items = [s for s in re.split(r",(?![^\[]*\])", str(states)) if s.strip()]  # commas outside [...]
+    """--states of a grid as typed: "64,128", "64,[96,64,32]" (one budget per layer in brackets, layer 0 first),
+    "[[512,64],[64,512]]" (one per kv head of each layer) or a budgets .json file -> the distinct budgets, smallest
+    mean first: ints, or tuples of per-layer budgets (of per-head tuples) (`budget_key`)."""
+    items, depth, start, text = [], 0, 0, str(states)
+    for i, c in enumerate(text + ","):  # commas outside [...], at any depth of brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items = [s for s in items if s.strip()]
     try:
         budgets = [budget_key(parse_states(s)) for s in items]  # 256, or (96, 64, 32): one per layer
     except InputError:
-        raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512, or budgets per "
-                         "layer in brackets, layer 0 first, e.g. 64,[96,64,32].") from None
-    if not budgets or min(min(k) if isinstance(k, tuple) else k for k in budgets) < 1:
+        raise InputError(f"--states {states!r}: give comma-separated integers, e.g. 64,128,256,512, budgets per "
+                         "layer in brackets, layer 0 first, e.g. 64,[96,64,32], per kv head, e.g. [[512,64],[64,512]], "
+                         "or a budgets .json file.") from None
+    if not budgets or min(min(_flat(k)) if isinstance(k, tuple) else k for k in budgets) < 1:
         raise InputError(f"--states {states!r}: give positive budgets, e.g. 64,128,256,512.")
     return sorted(set(budgets), key=lambda k: (mean_budget(k), str(k)))
 
 
 def budget_key(k):
-    """A budget as a grid key: an int, None (full), or a tuple of per-layer budgets (a list in JSON)."""
-    return tuple(k) if isinstance(k, list) else k
+    """A budget as a grid key: an int, None (full), or a tuple of per-layer budgets, each an int or a tuple of
+    per-head budgets (lists in JSON)."""
+    return tuple(budget_key(x) for x in k) if isinstance(k, (list, tuple)) else k
+
+
+def _flat(k) -> list[int]:
+    return [x for layer in k for x in (layer if isinstance(layer, tuple) else (layer,))]
 
 
 def mean_budget(k) -> float:
-    """The mean budget per layer: where a per-layer budget sits on the x axis (PyramidKV's k is its mean)."""
-    return sum(k) / len(k) if isinstance(k, tuple) else k
+    """The mean budget per layer (and kv head): where a per-layer budget sits on the x axis (PyramidKV's k is its
+    mean); a per-head budget's mean counts every head once."""
+    return sum(_flat(k)) / len(_flat(k)) if isinstance(k, tuple) else k
 
 
 def budget_label(k) -> str:
-    """A budget as the table's column head: 256, or [96,64,32] for one per layer."""
+    """A budget as the table's column head: 256, [96,64,32] for one per layer, "heads~256" (the mean) per kv head."""
+    if isinstance(k, tuple) and any(isinstance(x, tuple) for x in k):
+        return f"heads~{mean_budget(k):g}"
     return "[" + ",".join(map(str, k)) + "]" if isinstance(k, tuple) else str(k)
 
 

@@ -211,3 +211,16 @@ def test_a_full_layer_with_budgets_per_head_takes_the_one_slot_step(models, monk
     by_step, state2 = stepped(model, x, policy)
     assert (by_step - general).abs().max() <= TOL and held(state2) == held(state)
     assert len(calls) >= 3 * (24 - 7)  # every layer, from soon after its largest budget is reached
+
+
+def test_a_grid_takes_budgets_per_head_beside_the_others(tmp_path):
+    from msrnn.grid import budget_label, mean_budget, parse_budgets
+
+    f = tmp_path / "b.json"
+    f.write_text('{"budgets": [[8, 4], [2, 2]]}')
+    budgets = parse_budgets(f"64,[96,64,32],[[4,2],[3,3]],{f}")
+    assert budgets == [((4, 2), (3, 3)), ((8, 4), (2, 2)), (96, 64, 32), 64]  # by mean: 3, 4, 64, 64
+    assert [budget_label(k) for k in budgets[:2]] == ["heads~3", "heads~4"] and mean_budget(budgets[1]) == 4
+    assert isinstance(make_policy("tova", list(budgets[0])).at_layer(1, 2), PerHead)
+    with pytest.raises(InputError, match="per kv head"):
+        parse_budgets("64,[[4,x]]")
