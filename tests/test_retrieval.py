@@ -52,11 +52,11 @@ def test_head_mix_priority_by_hand():
     assert policy.budget().flatten().tolist() == [3, 2] and policy.min_budget() == 2 and policy.states == 3
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_retrieval_equals_the_reference_and_holds_its_budgets(tmp_path, kind):
+@pytest.mark.parametrize("kind, extra", [("llama", ""), ("mistral", ""), ("llama", ", sink_free=True")])
+def test_retrieval_equals_the_reference_and_holds_its_budgets(tmp_path, kind, extra):
     model = tiny(kind, kv=2, groups=2, layers=3, window=5 if kind == "mistral" else None)
     cal = write_calibration(tmp_path / "c.json", 3, 2, [[1, 0], [2, 1], [0, 0], [0, 1], [1, 1], [2, 0]])
-    policy = make_policy(f"retrieval(calibration={cal!r}, ratio=2, stream=0.5, sinks=1)", 4)
+    policy = make_policy(f"retrieval(calibration={cal!r}, ratio=2, stream=0.5, sinks=1{extra})", 4)
     # N = 6, k = 4, stream 1/2: s = 2, R = floor(6 * 2 / (8 - 2)) = 2, sharing 24 - 4 * 2 = 16
     assert policy.budgets == [[2, 2], [8, 2], [2, 8]] and policy.retrieval == [(1, 0), (2, 1)]
     tokens = torch.randint(0, 61, (16,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -67,6 +67,8 @@ def test_retrieval_equals_the_reference_and_holds_its_budgets(tmp_path, kind):
         torch.testing.assert_close(logits[0], expected, rtol=0, atol=TOL)
         assert held(state) == ref.held(), t
     assert [[len(h) for h in layer] for layer in held(state)] == policy.budgets  # each head full to its budget
+    if extra:  # a sink-free retrieval head dropped the first token once it was over budget; the others keep it
+        assert 0 not in held(state)[1][0] and 0 in held(state)[1][1] and 0 in held(state)[0][0]
     logits, scanned = model.prefill(torch.tensor([tokens]), None, policy, all_logits=True, chunk=5)
     assert held(scanned) == ref.held()
 
@@ -82,6 +84,9 @@ def test_retrieval_refuses_a_calibration_of_another_model(tmp_path):
         Retrieval(16, calibration=write_calibration(tmp_path / "d.json", 2, 2, [[0, 0], [0, 0], [1, 0], [1, 1]]))
     with pytest.raises(InputError, match="ratio"):
         Retrieval(16, calibration=cal, ratio=0.5)
+    with pytest.raises(InputError, match="heads=9 must be a whole number of kv heads in 1..4"):
+        Retrieval(16, calibration=cal, heads=9)
+    assert Retrieval(16, calibration=cal, heads=3).budgets == [[20, 20], [19, 5]]  # s = 5 (4 sinks + 1): 59 shared
 
 
 def test_the_bundled_calibration_ranks_every_head_of_the_bundled_model():

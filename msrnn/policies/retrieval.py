@@ -48,15 +48,20 @@ def read_calibration(path: str | Path | None = None) -> dict:
     return {**cal, "ranking": ranking, "layers": layers, "kv_heads": heads, "path": str(path)}
 
 
-def head_budgets(ranking, layers: int, kv_heads: int, k: int, ratio: float, stream: float, sinks: int):
+def head_budgets(ranking, layers: int, kv_heads: int, k: int, ratio: float, stream: float, sinks: int,
+                 heads: int | None = None):
     """([[k_00, k_01, ...], ...], the R retrieval heads [(layer, head), ...]): the R heads ranked first get k_r,
-    the others s, the budgets summing to N k (see the module)."""
+    the others s, the budgets summing to N k (see the module). heads: R itself, instead of the ratio's."""
     N = layers * kv_heads
     s = max(round(k * stream), sinks + 1)
     if s > k:
         raise InputError(f"retrieval: states={k} leaves no room for {sinks} sinks and a recent window in the "
                          f"streaming heads; give states > {sinks + 1}.")
     R = max(1, min(N, math.floor(N * (k - s) / (ratio * k - s)) if ratio * k > s else N))
+    if heads is not None:
+        if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= N:
+            raise InputError(f"retrieval: heads={heads!r} must be a whole number of kv heads in 1..{N}.")
+        R = heads
     total = N * k - (N - R) * s  # what the retrieval heads share
     budgets = [[s] * kv_heads for _ in range(layers)]
     for j, (i, h) in enumerate(ranking[:R]):
@@ -66,21 +71,29 @@ def head_budgets(ranking, layers: int, kv_heads: int, k: int, ratio: float, stre
 
 class HeadMix(Policy):
     """One layer's heads, each its own budget: `retrieval` heads rank by their own query heads' attention (tova-head)
-    and the others keep the most recent states; both keep the first `sinks` tokens."""
+    and the others keep the most recent states; both keep the first `sinks` tokens, unless sink_free: then a
+    retrieval head drops them first (-inf) once it is over budget, so that a question's attention has no sink to
+    fall into there (docs/results/needle/memory-2048: with the needle kept, a sink in every head cost every answer)."""
 
     name = "retrieval"
     drops = False
 
-    def __init__(self, budgets, retrieval, sinks: int = 4, positions: str = "absolute"):
+    def __init__(self, budgets, retrieval, sinks: int = 4, positions: str = "absolute", sink_free: bool = False):
         super().__init__(min(budgets), positions)
-        self.heads, self.states, self.sinks = tuple(budgets), max(budgets), sinks
+        self.heads, self.states, self.sinks, self.sink_free = tuple(budgets), max(budgets), sinks, sink_free
         self._retrieval = torch.tensor(retrieval, dtype=torch.bool)[None, :, None]  # (1, Hkv, 1)
+        self.drops = sink_free and any(retrieval)
 
     def priority(self, attn, pos, score):
+        retrieval = self._retrieval.to(pos.device)
         attention = per_kv_head(attn, pos.shape[1]).mean(dim=2)  # (B, Hkv, n) tova-head: each head's own queries
         recency = pos.to(attention.dtype)  # (B, Hkv, n) newer = higher
-        prio = torch.where(self._retrieval.to(pos.device), attention, recency)
-        return prio.masked_fill(pos < self.sinks, INF)  # (B, Hkv, n)
+        prio = torch.where(retrieval, attention, recency)
+        sink = (pos >= 0) & (pos < self.sinks)  # (B, Hkv, n)
+        if self.sink_free:
+            prio = prio.masked_fill(sink & retrieval, -INF)
+            sink = sink & ~retrieval
+        return prio.masked_fill(sink, INF)  # (B, Hkv, n)
 
     def __repr__(self) -> str:
         return f"HeadMix(heads={list(self.heads)}, retrieval={self._retrieval.flatten().tolist()})"
@@ -89,14 +102,15 @@ class HeadMix(Policy):
 class Retrieval(Policy):
     """Retrieval heads get a large share of the memory, the other heads sinks + recent states (see the module):
     `states` is the mean budget per kv head. calibration: a file of `msrnn calibrate` (default: the bundled
-    SmolLM2's); ratio: a retrieval head's budget in units of k; stream: a streaming head's budget in units of k."""
+    SmolLM2's); ratio: a retrieval head's budget in units of k; stream: a streaming head's budget in units of k;
+    heads: the number of retrieval heads instead of the ratio's; sink_free: retrieval heads drop the sinks."""
 
     name = "retrieval"
     drops = False
     min_states = 2
 
     def __init__(self, states: int, calibration: str | None = None, ratio: float = 8, stream: float = 0.25,
-                 sinks: int = 4, positions: str = "absolute"):
+                 sinks: int = 4, heads: int | None = None, sink_free: bool = False, positions: str = "absolute"):
         super().__init__(states, positions)
         for key, value, low in (("ratio", ratio, 1), ("stream", stream, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or \
@@ -105,9 +119,11 @@ class Retrieval(Policy):
         self.sinks = whole(self.name, "sinks", sinks)
         self.cal, self.ratio, self.stream = read_calibration(calibration), float(ratio), float(stream)
         self.budgets, self.retrieval = head_budgets(self.cal["ranking"], self.cal["layers"], self.cal["kv_heads"],
-                                                    states, self.ratio, self.stream, self.sinks)
-        self.members = [HeadMix(b, [(i, h) in self.retrieval for h in range(len(b))], self.sinks, positions)
-                        for i, b in enumerate(self.budgets)]
+                                                    states, self.ratio, self.stream, self.sinks, heads)
+        self.sink_free = bool(sink_free)
+        self.members = [HeadMix(b, [(i, h) in self.retrieval for h in range(len(b))], self.sinks, positions,
+                                self.sink_free) for i, b in enumerate(self.budgets)]
+        self.drops = any(m.drops for m in self.members)
 
     def at_layer(self, layer, layers):
         if layers != len(self.members):
@@ -126,7 +142,8 @@ class Retrieval(Policy):
         raise InputError("a retrieval policy decides per layer; bind a layer with at_layer(layer, layers).")
 
     def __repr__(self) -> str:
-        return f"Retrieval(states={self.states}, ratio={self.ratio}, stream={self.stream}, sinks={self.sinks})"
+        return (f"Retrieval(states={self.states}, ratio={self.ratio}, stream={self.stream}, sinks={self.sinks}, "
+                f"heads={len(self.retrieval)}, sink_free={self.sink_free})")
 
 
 class TOVAOutliers(Policy):
