@@ -94,13 +94,7 @@ class Policy:
 def check_priority(policy: Policy, prio, pos: torch.Tensor, nan: bool = False):
     """prio as `policy` returned it, if it has the contract's shape (B, 1 or Hkv, n) and a float dtype (and, with
     nan=True, no NaN); otherwise one InputError that names the policy."""
-    B, Hkv, n = pos.shape
-    if not isinstance(prio, torch.Tensor) or not prio.is_floating_point() or prio.dim() != 3 or \
-            prio.shape[0] != B or prio.shape[1] not in (1, Hkv) or prio.shape[2] != n:
-        got = f"{prio.dtype} {tuple(prio.shape)}" if isinstance(prio, torch.Tensor) else type(prio).__name__
-        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.priority) returned {got}; a priority is a "
-                         f"float tensor of shape (B, 1, n) or (B, Hkv, n), here ({B}, 1 or {Hkv}, {n}) "
-                         "(docs/policies.md).")
+    _contract_shape(policy, prio, pos, "priority", "a priority is")
     if nan and bool(prio.isnan().any()):
         raise nan_error(policy, int(prio.isnan().flatten(1).any(1).nonzero()[0]))
     return prio
@@ -110,14 +104,20 @@ def check_score(policy: Policy, new, score: torch.Tensor):
     """new, as `policy.update` returned it, if it has the contract's shape (B, 1 or Hkv, n) for a score (B, Hkv, n)
     and a float dtype (a tensor of another shape would broadcast into the state's scores unnoticed); otherwise one
     InputError that names the policy. Shapes and dtypes only: no host sync."""
-    B, Hkv, n = score.shape
-    if not isinstance(new, torch.Tensor) or not new.is_floating_point() or new.dim() != 3 or \
-            new.shape[0] != B or new.shape[1] not in (1, Hkv) or new.shape[2] != n:
-        got = f"{new.dtype} {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
-        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.update) returned {got}; a score is a float "
-                         f"tensor of shape (B, 1, n) or (B, Hkv, n), as the score it is given, here ({B}, 1 or {Hkv}, "
-                         f"{n}) (docs/policies.md).")
-    return new
+    return _contract_shape(policy, new, score, "update", "a score is", ", as the score it is given")
+
+
+def _contract_shape(policy: Policy, got, like: torch.Tensor, method: str, what: str, note: str = ""):
+    """got, if it is a float tensor of shape (B, 1 or Hkv, n) for like (B, Hkv, n); else the InputError naming
+    policy.method."""
+    B, Hkv, n = like.shape
+    if not isinstance(got, torch.Tensor) or not got.is_floating_point() or got.dim() != 3 or \
+            got.shape[0] != B or got.shape[1] not in (1, Hkv) or got.shape[2] != n:
+        shape = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+        raise InputError(f"policy {policy.name!r} ({type(policy).__name__}.{method}) returned {shape}; {what} a "
+                         f"float tensor of shape (B, 1, n) or (B, Hkv, n){note}, here ({B}, 1 or {Hkv}, {n}) "
+                         "(docs/policies.md).")
+    return got
 
 
 def check_policy(policy) -> None:
