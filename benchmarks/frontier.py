@@ -1,7 +1,7 @@
 """The trade-off frontier of the bounded policies: needle accuracy against perplexity, each relative to TOVA.
 
-    python benchmarks/frontier.py --needle docs/results/needle/memory-2048 --ppl docs/results/ppl-frankenstein \
-        --out docs/results/needle/memory-2048
+    python benchmarks/frontier.py --needle docs/results/needle/memory-2048 docs/results/needle/memory-2048-sinkfree \
+        docs/results/needle/policies-2048 --ppl docs/results/ppl-frankenstein --out docs/results/needle/memory-2048
 
 x: a policy's PPL on the paper's table divided by TOVA's at the same budget (the `--compare tova` paired ratio with
 its bootstrap interval where the run has one); y: the share of needles found at depths 0-50 % (the far ones, which
@@ -45,15 +45,19 @@ def ppl_ratios(results: dict, reference: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--needle", required=True, help="an `eval needle` folder (results.json)")
+    ap.add_argument("--needle", required=True, nargs="+",
+                    help="`eval needle` folders (results.json); the full model's cells are taken from the first")
     ap.add_argument("--ppl", required=True, help="an `eval ppl` folder (results.json) with the same policies")
     ap.add_argument("--reference", default="tova")
     ap.add_argument("--far", type=float, default=50, help="needles at depths up to this %% count as far")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    needle = json.loads((Path(args.needle) / "results.json").read_text())
+    cells = []
+    for i, folder in enumerate(args.needle):
+        run = json.loads((Path(folder) / "results.json").read_text())
+        cells += [c for c in run["cells"] if i == 0 or c["policy"] != "full"]
     ppl = json.loads((Path(args.ppl) / "results.json").read_text())
-    found, ratios = needle_points(needle["cells"], args.far), ppl_ratios(ppl, args.reference)
+    found, ratios = needle_points(cells, args.far), ppl_ratios(ppl, args.reference)
     rows = ["| policy | states | PPL / " + args.reference + " [95 %] | far needles found (depth <= "
             f"{args.far:g} %) | all depths |", "|---|---:|---:|---:|---:|"]
     plt = pyplot()
