@@ -14,7 +14,12 @@ arXiv 2410.10819; RazorAttention, Tang et al. 2024). Give the few a large share 
 which heads retrieve is measured once per model by `msrnn calibrate` (msrnn/calibrate.py) and read from its
 file; the bundled SmolLM2's calibration ships in msrnn/calibrations/. A retrieval head that must still evict
 (a stream longer than k_r) ranks its states as tova-head does, by the attention of its own query heads, and keeps
-the first `sinks` tokens.
+the first `sinks` tokens (or, sink_free, drops them first).
+
+What it did on the bundled 135M model (docs/results/needle/memory-2048): no better than TOVA at keeping a far fact
+at 1/8 (0 of 15 needles from the first half of 2,048 tokens) and 14 % worse in PPL; the probes there say why (a
+third of the heads must be whole at the question, and streaming heads that read the prompt break even those).
+`tova-outliers`, below, is the one candidate that beat TOVA, in PPL only.
 """
 from __future__ import annotations
 
