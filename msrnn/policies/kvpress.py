@@ -139,13 +139,19 @@ class KeyDiff(Policy):
     min_states = 2  # k = 1 ranks 2 candidates, whose cosines to their mean are always equal: a tie rounding decides
 
     def priority(self, attn, pos, score, keys=None):
-        # (B, Hkv, n, hd) in fp64: the average runs over the held slots in slot order, which differs between the
-        # layer-major scan and the token-by-token recurrence; fp32 rounding could then flip a near-tie between them
-        keys = keys.double()
-        held = (pos != -1)[..., None]  # (B, Hkv, n, 1) an empty slot is not part of the average
-        unit = torch.nn.functional.normalize(keys, dim=-1) * held  # (B, Hkv, n, hd)
-        anchor = unit.sum(dim=2, keepdim=True) / held.sum(dim=2, keepdim=True).clamp(min=1)  # (B, Hkv, 1, hd)
-        return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1).float()  # (B, Hkv, n)
+        return outlying(keys, pos)
+
+
+def outlying(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """KeyDiff's score (B, Hkv, n) fp32: -cos(k_j, the mean direction of the keys held), per kv head; keys
+    (B, Hkv, n, hd), pos (B, Hkv, n) with -1 for an empty slot (not part of the mean)."""
+    # in fp64: the average runs over the held slots in slot order, which differs between the layer-major scan and
+    # the token-by-token recurrence; fp32 rounding could then flip a near-tie between them
+    keys = keys.double()
+    held = (pos != -1)[..., None]  # (B, Hkv, n, 1)
+    unit = torch.nn.functional.normalize(keys, dim=-1) * held  # (B, Hkv, n, hd)
+    anchor = unit.sum(dim=2, keepdim=True) / held.sum(dim=2, keepdim=True).clamp(min=1)  # (B, Hkv, 1, hd)
+    return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1).float()  # (B, Hkv, n)
 
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import InputError
 from .base import INF, Policy, per_kv_head, whole
-from .kvpress import KeyDiff
+from .kvpress import outlying
 
 BUNDLED = Path(__file__).resolve().parent.parent / "calibrations" / "smollm2-135m-instruct.json"
 
@@ -174,8 +174,8 @@ class TOVAOutliers(Policy):
         self.share, self.reserve = float(share), max(1, min(states - 1, round(states * share)))
 
     def priority(self, attn, pos, score, keys=None):
-        outlying = KeyDiff.priority(self, None, pos, score, keys=keys).masked_fill(pos == -1, -INF)  # (B, Hkv, n)
-        top = outlying.topk(min(self.reserve, pos.shape[-1]), dim=-1).indices  # (B, Hkv, r)
+        score_out = outlying(keys, pos).masked_fill(pos == -1, -INF)  # (B, Hkv, n) KeyDiff's
+        top = score_out.topk(min(self.reserve, pos.shape[-1]), dim=-1).indices  # (B, Hkv, r)
         attention = per_kv_head(attn, pos.shape[1]).mean(dim=2)  # (B, Hkv, n) tova-head
         return attention.scatter(-1, top, INF)
 
