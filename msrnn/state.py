@@ -147,8 +147,9 @@ class LayerState:
         """The layer is full: it holds its policy's one budget k in slots [0, k), none of them empty, and the
         policy never asks to "drop now" (so one token in means exactly one state out: see replace_lowest)."""
         heads = policy.heads  # budgets per kv head: each head full to its own, the smaller ones with EMPTY holes
-        if heads is not None:
-            return self.full_at == heads and self.size == max(heads) and not policy.drops
+        if heads is not None:  # full_at is counted only when heads (or rows) may differ; else each holds `size`
+            held = self.full_at if self.maybe_empty else (self.size,) * self.pos.shape[1]
+            return held == heads and self.size == max(heads) and not policy.drops
         budget = policy.budget()  # (B, 1, 1) when rows have budgets of their own: the general path
         return isinstance(budget, int) and self.size == budget and not self.maybe_empty and not policy.drops
 
@@ -202,7 +203,8 @@ class LayerState:
         counts = live.sum(dim=-1)  # (B, Hkv)
         size = int(counts.max()) if n else 0
         self.maybe_empty = bool((counts < size).any())
-        self.full_at = tuple(counts[0].tolist()) if n and bool((counts == counts[:1]).all()) else None
+        # per kv head, when they differ (budgets per head): two host syncs that a layer of one budget never makes
+        self.full_at = tuple(counts[0].tolist()) if self.maybe_empty and bool((counts == counts[:1]).all()) else None
         if size == n:
             return
         slot = torch.arange(n, device=self.pos.device)
