@@ -146,7 +146,7 @@ def ask(policy: Policy, attn, pos, score, layer_state, S: int, queries=None, inv
     """policy.priority(attn, pos, score), and the layer's keys and/or values (B, Hkv, S, hd) for a policy that asks
     for them (needs_keys: KeyDiff; needs_values), or the values' norms (B, Hkv, S) that the state keeps
     (needs_value_norms: tova-value), or the newest query (B, H, hd) and the RoPE frequencies (hd/2,) (needs_queries:
-    expected-attention). Slots do not move inside a scan: one view serves."""
+    expected-attention), or each state's surprise (B, Hkv, S) (needs_surprise). Slots do not move inside a scan: one view serves."""
     extra = {"keys": layer_state.keys[:, :, :S]} if policy.needs_keys else {}
     if policy.needs_queries:
         extra["queries"], extra["inv_freq"] = queries, inv_freq
@@ -154,6 +154,8 @@ def ask(policy: Policy, attn, pos, score, layer_state, S: int, queries=None, inv
         extra["values"] = layer_state.values[:, :, :S]
     if policy.needs_value_norms:
         extra["value_norms"] = layer_state.value_norms()[:, :, :S]
+    if policy.needs_surprise:  # +inf for the states the current call fed (known after it: msrnn/surprise.py)
+        extra["surprise"] = layer_state.surprises()[:, :, :S]
     return policy.priority(attn, pos, score, **extra)
 
 

@@ -85,14 +85,16 @@ class RowPolicies(Policy):
                 out[a:b] = check_score(m, m.update(score[a:b], attn[a:b]), score[a:b])  # no broadcast into a block
         return out
 
-    def priority(self, attn, pos, score, keys=None, values=None, value_norms=None, queries=None, inv_freq=None):
+    def priority(self, attn, pos, score, keys=None, values=None, value_norms=None, queries=None, inv_freq=None,
+                 surprise=None):
         return torch.cat([check_priority(m, m.priority(None if attn is None else attn[a:b], pos[a:b], score[a:b],
                                                        **({"keys": keys[a:b]} if m.needs_keys else {}),
                                                        **({"queries": queries[a:b], "inv_freq": inv_freq}
                                                           if m.needs_queries else {}),
                                                        **({"values": values[a:b]} if m.needs_values else {}),
                                                        **({"value_norms": value_norms[a:b]}
-                                                          if m.needs_value_norms else {})),
+                                                          if m.needs_value_norms else {}),
+                                                       **({"surprise": surprise[a:b]} if m.needs_surprise else {})),
                                          pos[a:b]).expand(pos[a:b].shape) for m, a, b in self.blocks])  # (R, Hkv, n)
 
     def __repr__(self) -> str:

@@ -218,6 +218,8 @@ def group_steps(T: int, L: int) -> int:
 def _score_kind(policy: Policy):
     """Members whose running scores evolve alike over an unevicting prefix (same class and settings but the budget)
     share one prefill; None for members that keep no score."""
+    if policy.needs_surprise:  # the prefix must record its surprise (msrnn/surprise.py), with the member's span
+        return ("surprise", getattr(policy, "span", None), policy.keeps_score and id(policy))
     if not policy.keeps_score:
         return None
     settings = {k: v for k, v in vars(policy).items() if k != "states" and not isinstance(v, torch.Tensor)}  # no caches

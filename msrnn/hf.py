@@ -207,6 +207,10 @@ class PolicyCache(Cache):
                              f"{type(policy).__name__}; build one with msrnn.policies.make_policy(name, states).")
         if prefill not in PREFILL_MODES:
             raise InputError(f"prefill={prefill!r} is unknown; choose 'exact' or 'fast'.")
+        if getattr(policy, "needs_surprise", False):  # the cache never sees the logits that measure it
+            raise InputError(f"policy {policy.name!r} ranks states by the model's surprise at each token, which a "
+                             "transformers cache cannot see (it gets keys and values, not logits); run it with msrnn's "
+                             "own model (msrnn.load) instead of PolicyCache.")
         if getattr(policy, "positions", "absolute") != "absolute":
             raise InputError(f"positions={policy.positions!r} moves keys to new positions (rotated at use, or "
                              "renumbered), which transformers' cache does not allow; use positions='absolute' with "

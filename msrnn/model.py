@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import surprise
 from .attention import attend, check_unranked
 from .config import Config
 from .errors import InputError
@@ -273,8 +274,12 @@ class Transformer(nn.Module):
                              "Use prefill() for a prompt.")
         if state is None:
             state = self.init_state(tokens.shape[0], policy)
+        surprise.check(policy, getattr(policy, "positions", "absolute"), "exact")
         h = self._advance(tokens[:, None], state, policy)  # (B, 1, d)
-        return self._logits(h[:, 0]), state
+        logits = self._logits(h[:, 0])  # (B, vocab)
+        if surprise.settings(policy) is not None:  # the policy ranks states by how much they surprised the model
+            surprise.record(state, tokens[:, None], h, self._logits, surprise.settings(policy)[0], last=logits)
+        return logits, state
 
     @torch.inference_mode()
     def prefill(self, tokens, state: State | None = None, policy: Policy | None = None, mode: str = "exact",
@@ -299,13 +304,19 @@ class Transformer(nn.Module):
         if state is None:
             state = self.init_state(tokens.shape[0], policy)
         bounded = getattr(policy, "states", None) is not None
+        surprise.check(policy, getattr(policy, "positions", "absolute"), mode)
+        reads = surprise.settings(policy) if bounded else None  # (span, recent) of a policy that reads surprise
         if mode == "fast" or not bounded:
             chunk = tokens.shape[1]  # nothing is evicted inside the call: one parallel pass
         elif not policy.layer_local:
             chunk = 1  # the policy looks beyond its layer: token-major, the plain recurrence
+        elif reads is not None:
+            chunk = min(chunk, reads[1])  # a state's surprise is known after its chunk: while it is in `recent`
         hidden = []
         for piece in tokens.split(chunk, dim=1):
             hidden.append(self._advance(piece, state, policy, each_token=mode == "exact"))
+            if reads is not None:
+                surprise.record(state, piece, hidden[-1], self._logits, reads[0])
             if progress is not None:
                 progress(piece.shape[1])
         if bounded:  # the chunks grew each layer by up to `chunk` slots: decoding needs only k + 2

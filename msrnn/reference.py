@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import surprise
 from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
 
 EMPTY = -1  # the position a kv head gives a state it no longer holds (the policy contract's "empty slot")
@@ -47,6 +48,7 @@ class Memory:
     v: torch.Tensor  # (Hkv, hd) its value
     pos: torch.Tensor  # (Hkv,) int64 its position in each kv head, EMPTY where that kv head has dropped it
     score: torch.Tensor  # (Hkv,) fp32 the policy's running score of it (H2O's accumulated attention...), 0 at entry
+    surprise: float = 0.0  # e_j: the largest surprisal of the `span` tokens up to j (needs_surprise: msrnn/surprise.py)
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
@@ -62,6 +64,8 @@ class Reference:
         self.scheme = policy.positions if policy is not None else "absolute"
         self.layers: list[list[Memory]] = [[] for _ in model.layers]  # H^l_0 = () in every layer
         self.t = 0  # the position the next token gets
+        self.span = (surprise.settings(policy) or (1, 0))[0]  # e_t looks `span` tokens back (a surprise policy)
+        self.logits, self.s = None, []  # the last prediction, and s_0, s_1, ...: -log p(x_t | x_<t), s_0 = 0
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -69,6 +73,9 @@ class Reference:
         m, L = self.model, len(self.model.layers)
         if self.scheme == "rebase" and self.t >= self.cfg.max_position_embeddings:
             self.rebase()
+        lg = self.logits  # (vocab,) the prediction of x_t, made by the step before
+        self.s.append(0.0 if lg is None else float(torch.logsumexp(lg, -1) - lg[int(token)]))  # s_t
+        self.e = max(self.s[-self.span:])  # e_t, the surprise every layer's new state of x_t carries
         x = m.embed.weight[int(token)]  # (d,) X^1_t
         for l, (block, memory) in enumerate(zip(m.layers, self.layers)):
             policy = self.policy.at_layer(l, L) if self.policy is not None else None  # pi for layer l (its own k)
@@ -76,7 +83,8 @@ class Reference:
             gate, up = block.gate_up(rms_norm(x, block.mlp_norm)).chunk(2)  # (I,) each: W_gate norm(Y), W_up norm(Y)
             x = x + block.down(F.silu(gate) * up)  # (d,) X^{l+1}_t
         self.t += 1
-        return m._logits(rms_norm(x, m.norm))  # (vocab,) fp32: tied embedding or lm_head
+        self.logits = m._logits(rms_norm(x, m.norm))  # (vocab,) fp32: tied embedding or lm_head
+        return self.logits
 
     def attend(self, block, h: torch.Tensor, memory: list[Memory], policy) -> torch.Tensor:
         """Equations (1)-(3) of docs/derivation.md and the policy: returns the heads' output o (H*hd,)."""
@@ -90,7 +98,7 @@ class Reference:
             cos, sin = cos_sin(torch.tensor(t), inv_freq, q.dtype)  # (hd,) each
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (H, hd), (Hkv, hd)
         # (2) the state grows: K_t = [K_{t-1}; k_t], V_t = [V_{t-1}; v_t]   (n -> n + 1)
-        memory.append(Memory(k, v, torch.full((Hkv,), t), torch.zeros(Hkv)))
+        memory.append(Memory(k, v, torch.full((Hkv,), t), torch.zeros(Hkv), self.e))
         K = torch.stack([s.k for s in memory], dim=1)  # (Hkv, n+1, hd)
         V = torch.stack([s.v for s in memory], dim=1)  # (Hkv, n+1, hd)
         pos = torch.stack([s.pos for s in memory], dim=1)  # (Hkv, n+1) EMPTY: not held by that kv head
@@ -138,6 +146,8 @@ class Reference:
                 extra["values"] = values
             if policy.needs_value_norms:
                 extra["value_norms"] = values.float().abs().sum(-1)  # (1, Hkv, n+1) |v_j|_1
+        if policy.needs_surprise:  # e_j per state (the engine knows the newest's after the call: +inf, kept)
+            extra["surprise"] = torch.tensor([s.surprise for s in memory]).expand(1, Hkv, -1)  # (1, Hkv, n+1)
         prio = policy.priority(attn, pos, score, **extra)  # (1, 1 or Hkv, n+1): one decision per layer or kv head
         prio = prio.float().expand(1, Hkv, -1)[0]  # (Hkv, n+1) a layer-wide priority applies to every kv head
         assert not bool(prio.isnan().any()), f"policy {policy.name!r} returned NaN priorities"

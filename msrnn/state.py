@@ -61,6 +61,9 @@ class LayerState:
     # full_at: the states each kv head holds, the same in every row, as compact() last counted them (replace_lowest
     # keeps it true: one in, one out); lets a layer with budgets per kv head take the one-slot decode step
     full_at: tuple | None = field(default=None, repr=False, compare=False)
+    # surprise (B, Hkv, C) fp32: each state's episode surprise (msrnn/surprise.py), kept only once a policy that
+    # needs_surprise has run; +inf from when a state enters until the model writes it after the call
+    surprise: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.size
@@ -77,6 +80,13 @@ class LayerState:
             self.norms = l1_norms(self.values)  # (B, Hkv, C)
         return self.norms[:, :, : self.size]
 
+    def surprises(self) -> torch.Tensor:
+        """(B, Hkv, C) the surprise buffer (msrnn/surprise.py), made on first use: 0 for the states held before
+        (what was read without a surprise-reading policy is not known to have surprised)."""
+        if self.surprise is None:
+            self.surprise = torch.zeros(self.pos.shape, device=self.pos.device)  # (B, Hkv, C)
+        return self.surprise
+
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Add T new states: k, v (B, Hkv, T, hd), pos (B, T). The state grows n -> n + T (one spare slot is kept
         free behind them: eviction writes there when a row has nothing to drop)."""
@@ -90,6 +100,8 @@ class LayerState:
         self.score[:, :, new] = 0.0
         if self.norms is not None:
             self.norms[:, :, new] = l1_norms(self.values[:, :, new])  # (B, Hkv, T) of the values as stored
+        if self.surprise is not None:
+            self.surprise[:, :, new] = INF  # not known until the call's logits are (surprise.record)
         self.size += T
 
     def _grow(self, capacity: int) -> None:
@@ -105,6 +117,8 @@ class LayerState:
         self.pos, self.score = pad(self.pos, EMPTY), pad(self.score, 0.0)
         if self.norms is not None:
             self.norms = pad(self.norms, 0.0)  # the norm of the zero values padded in
+        if self.surprise is not None:
+            self.surprise = pad(self.surprise, 0.0)
 
     def shrink(self, capacity: int) -> None:
         """Give back the slots a chunk grew the layer by, down to `capacity` if the states held fit (with the spare
@@ -114,6 +128,8 @@ class LayerState:
                 t[:, :, :capacity].clone() for t in (self.keys, self.values, self.pos, self.score))
             if self.norms is not None:
                 self.norms = self.norms[:, :, :capacity].clone()
+            if self.surprise is not None:
+                self.surprise = self.surprise[:, :, :capacity].clone()
 
     def sort_by_position(self) -> None:
         """Reorder slots [0, size) by position (empty slots first). The layer-major scan starts from this order, so
@@ -226,12 +242,13 @@ class LayerState:
         self.size = size
 
     def _per_slot(self) -> tuple[torch.Tensor, ...]:
-        """The (B, Hkv, C) buffers that move with their slot: positions, scores, and the value norms if kept."""
-        return (self.pos, self.score) if self.norms is None else (self.pos, self.score, self.norms)
+        """The (B, Hkv, C) buffers that move with their slot: positions, scores, value norms and surprise if kept."""
+        return tuple(b for b in (self.pos, self.score, self.norms, self.surprise) if b is not None)
 
     def copy(self) -> "LayerState":
         return LayerState(self.keys.clone(), self.values.clone(), self.pos.clone(), self.score.clone(), self.size,
-                          self.maybe_empty, norms=None if self.norms is None else self.norms.clone())
+                          self.maybe_empty, norms=None if self.norms is None else self.norms.clone(),
+                          surprise=None if self.surprise is None else self.surprise.clone())
 
 
 @dataclass
@@ -242,6 +259,10 @@ class State:
     next_pos: torch.Tensor  # (B,) int64 the position the next token of each row will get
     rope_at_use: bool = False  # keys cached un-rotated, rotated at use (the `shift` and `loglog` position schemes)
     meta: dict = field(default_factory=dict)  # model identity, policy name and budget (for save/load checks)
+    # what a surprise-reading policy's next call needs (msrnn/surprise.py): the last logits (B, vocab) fp32, the
+    # prediction of the next token, and the last span - 1 surprisals (B, span - 1); None until such a call
+    last_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    surprise_tail: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, num_layers, batch_size, kv_heads, head_dim, capacity, dtype, rope_at_use=False, meta=None,
@@ -268,7 +289,18 @@ class State:
         if any(s.rope_at_use != first.rope_at_use or len(s.layers) != len(first.layers) for s in states):
             raise InputError("cannot stack states made by different models or position schemes.")
         layers = [_stack_layers([s.layers[i] for s in states]) for i in range(len(first.layers))]
-        return cls(layers, torch.cat([s.next_pos for s in states]), first.rope_at_use, dict(first.meta))
+        out = cls(layers, torch.cat([s.next_pos for s in states]), first.rope_at_use, dict(first.meta))
+        if any(s.last_logits is not None for s in states):  # a row that has none: NaN logits, 0 surprise (record)
+            have = next(s for s in states if s.last_logits is not None)
+            out.last_logits = torch.cat([s.last_logits if s.last_logits is not None else
+                                         have.last_logits.new_full((s.batch_size, have.last_logits.shape[1]), torch.nan)
+                                         for s in states])
+        tails = {s.surprise_tail.shape[1] for s in states if s.surprise_tail is not None}
+        if len(tails) == 1:  # a row that has none: zeros (no surprise before)
+            width = tails.pop()
+            out.surprise_tail = torch.cat([s.surprise_tail if s.surprise_tail is not None else
+                                           torch.zeros(s.batch_size, width, device=s.next_pos.device) for s in states])
+        return out
 
     @property
     def batch_size(self) -> int:
@@ -288,7 +320,10 @@ class State:
 
     def fork(self) -> "State":
         """An independent copy (no shared storage): continue both and they diverge."""
-        return State([l.copy() for l in self.layers], self.next_pos.clone(), self.rope_at_use, dict(self.meta))
+        out = State([l.copy() for l in self.layers], self.next_pos.clone(), self.rope_at_use, dict(self.meta))
+        out.last_logits, out.surprise_tail = (None if t is None else t.clone() for t in (self.last_logits,
+                                                                                        self.surprise_tail))
+        return out
 
     copy = fork
 
@@ -309,6 +344,11 @@ class State:
                 f"layers.{i}.pos": l.pos[:, :, :n].contiguous(),
                 f"layers.{i}.score": l.score[:, :, :n].contiguous(),
             })
+            if l.surprise is not None:
+                tensors[f"layers.{i}.surprise"] = l.surprise[:, :, :n].contiguous()
+        for name in ("last_logits", "surprise_tail"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
         meta = {"msrnn_state": json.dumps({"rope_at_use": self.rope_at_use, "meta": self.meta,
                                            "num_layers": len(self.layers)})}
         save_file(tensors, str(path), metadata=meta)
@@ -330,6 +370,9 @@ class State:
             layers = [LayerState(*(t[f"layers.{i}.{name}"] for name in ("keys", "values", "pos", "score")))
                       for i in range(int(header["num_layers"]))]
             state = cls(layers, t["next_pos"], bool(header["rope_at_use"]), dict(header["meta"]))
+            for i, layer in enumerate(layers):
+                layer.surprise = t.get(f"layers.{i}.surprise")
+            state.last_logits, state.surprise_tail = t.get("last_logits"), t.get("surprise_tail")
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is not a complete msrnn state file (missing {e}); save it again.") from None
         problem = state._problem()
@@ -384,5 +427,12 @@ def _stack_layers(rows: list[LayerState]) -> LayerState:
         for dst, src in ((out.keys, r.keys), (out.values, r.values), (out.pos, r.pos), (out.score, r.score)):
             dst[b : b + rows_here, :, :n] = src[:, :, :n]  # (rows, Hkv, n, ...) the row's states, slots [0, n)
         b += rows_here
+    if any(r.surprise is not None for r in rows):  # a row read without surprise: 0 (see LayerState.surprises)
+        out.surprises()
+        b = 0
+        for r in rows:
+            if r.surprise is not None:
+                out.surprise[b : b + r.keys.shape[0], :, : r.size] = r.surprise[:, :, : r.size]
+            b += r.keys.shape[0]
     out.maybe_empty = bool((out.pos[:, :, :size] == EMPTY).any())
     return out

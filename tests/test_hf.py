@@ -13,7 +13,9 @@ import torch
 import msrnn
 from msrnn.errors import InputError
 from msrnn.policies import POLICIES, layer_budgets, make_policy
-from tiny import POLICY_NAMES, hf_model, save
+from tiny import cache_policies, hf_model, save
+
+POLICY_NAMES = cache_policies()  # the policies a transformers cache can run
 
 hf_bridge = pytest.importorskip("msrnn.hf")
 PolicyCache = hf_bridge.PolicyCache

@@ -72,6 +72,12 @@ def _any_model_policies() -> list[str]:
     return [name for name in POLICIES if name != "retrieval"]
 
 
+def cache_policies() -> list[str]:
+    """The built-in policies a transformers cache can run (msrnn.hf.PolicyCache): `surprise` reads the model's
+    logits, which a cache never sees (refused there, tests/test_surprise.py)."""
+    return [name for name in _any_model_policies() if name != "surprise"]
+
+
 POLICY_NAMES = _any_model_policies()
 
 

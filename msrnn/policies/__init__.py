@@ -8,6 +8,7 @@
                 tova-decay-head, tova-fit
     kvpress.py  later papers, as kvpress has them: snapkv, pyramidkv, keydiff, expected-attention
     retrieval.py  memory beyond recency: retrieval heads with a large share of the memory, the rest sinks + recent
+    surprise.py   memory beyond recency: keep the episodes that surprised the model (msrnn/surprise.py measures it)
     names.py    POLICIES (name -> class), make_policy and parse_spec (every name form), policy files, parse_states
 
 The contract is written out in base.py's docstring and in docs/policies.md.
@@ -20,4 +21,5 @@ from .names import (FULL, POLICIES, load_policy_file, make_policy, parse_spec, p
                     read_budgets, unknown_setting)
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
 from .retrieval import HeadMix, Retrieval, TOVAOutliers, head_budgets, read_calibration
+from .surprise import Surprise
 

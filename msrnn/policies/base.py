@@ -22,7 +22,11 @@ given value_norms=(B, Hkv, n), the L1 norm of each state's value per kv head, wh
 state enters instead of at every step (tova-value). One that sets `needs_queries = True` is given queries=(B, H, hd),
 the newest token's query per query head, rotated at its position as attention used it, and inv_freq=(hd/2,), the
 layer's RoPE frequencies at that step, to turn it to other positions (ExpectedAttention); position schemes that
-rotate keys at use (shift, loglog) are refused for such a policy. Every other policy is called with the three
+rotate keys at use (shift, loglog) are refused for such a policy. One that sets `needs_surprise = True` is given
+surprise=(B, Hkv, n): the largest surprisal -log p(x_q | x_<q) of the model's own among the `span` tokens q up to
+each state's (msrnn/surprise.py), +inf while unknown; it must keep its newest `recent` states whatever their
+surprise, as prefill feeds at most `recent` tokens per chunk and a state's surprise is known after its chunk.
+Every other policy is called with the three
 arguments above, so a policy written for them keeps working.
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Policy:
     needs_value_norms = False  # True: priority is also given value_norms=(B, Hkv, n), |v_j|_1 per kv head
     needs_keys = False  # True: priority also takes keys=(B, Hkv, n, hd), the keys the layer holds (KeyDiff)
     needs_queries = False  # True: priority also takes queries=(B, H, hd) (the newest, rotated) and inv_freq=(hd/2,)
+    needs_surprise = False  # True: priority also takes surprise=(B, Hkv, n); the policy sets `span` and `recent`
     heads = None  # (k_0, ..., k_{Hkv-1}): a budget per kv head (PerHead), or None: `states` for every head
 
     def __init_subclass__(cls, **kwargs):
@@ -146,7 +151,8 @@ def nan_error(policy: Policy, row: int) -> InputError:
 # What the model asks of a policy, and how a policy made of several (PerLayer: one per layer; RowPolicies: one per
 # block of rows) answers for its members: it needs something if any member does, is layer-local if all are.
 CONTRACT_FLAGS = (("needs_attention", any), ("keeps_score", any), ("drops", any), ("needs_keys", any),
-                  ("needs_values", any), ("needs_value_norms", any), ("needs_queries", any), ("layer_local", all))
+                  ("needs_values", any), ("needs_value_norms", any), ("needs_queries", any), ("needs_surprise", any),
+                  ("layer_local", all))
 
 
 def take_flags(policy: Policy, members) -> None:

@@ -14,12 +14,14 @@ from .kvpress import ExpectedAttention, KeyDiff, PyramidKV, SnapKV
 from .lab import TOVADecay, TOVADecayHead, TOVAFit, TOVAMax, TOVARecent, TOVASink, TOVAValue
 from .paper import H2O, TOVA, Baseline, H2OLayer, Sinks, TOVAHead, Window
 from .retrieval import Retrieval, TOVAOutliers
+from .surprise import Surprise
 
 FULL = "full"  # the unbounded transformer: no policy at all (None)
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Window, Sinks, TOVA, TOVAHead, H2O, H2OLayer, Baseline,
                         TOVADecay, TOVAMax, TOVASink, TOVARecent, SnapKV, TOVAValue,
-                        TOVADecayHead, TOVAFit, PyramidKV, KeyDiff, Retrieval, ExpectedAttention, TOVAOutliers)
+                        TOVADecayHead, TOVAFit, PyramidKV, KeyDiff, Retrieval, ExpectedAttention, TOVAOutliers,
+                        Surprise)
 }
 
 
