@@ -1,7 +1,8 @@
 """The trade-off frontier of the bounded policies: needle accuracy against perplexity, each relative to TOVA.
 
     python benchmarks/frontier.py --needle docs/results/needle/memory-2048 docs/results/needle/memory-2048-sinkfree \
-        docs/results/needle/policies-2048 --ppl docs/results/ppl-frankenstein --out docs/results/needle/memory-2048
+        docs/results/needle/policies-2048 docs/results/needle/surprise-2048 --ppl docs/results/ppl-frankenstein \
+        --out docs/results/needle/memory-2048
 
 x: a policy's PPL on the paper's table divided by TOVA's at the same budget (the `--compare tova` paired ratio with
 its bootstrap interval where the run has one); y: the share of needles found at depths 0-50 % (the far ones, which
