@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import quant, surprise
 from .errors import CheckpointError, InputError
 from .grid import budget_label, check_layers, parse_budgets
 from .report import current_rss_mib, peak_rss_mib, pyplot
@@ -45,13 +45,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def filling(policy) -> str:
+    """The prefill mode that fills a state to a position: fast, unless the policy reads surprise (exact only)."""
+    return "exact" if surprise.settings(policy) is not None else "fast"
+
+
 def advance(model, state, policy, length: int, chunk: int = 512, batch: int = 1):
-    """Bring `state` to stream position `length` with chunked prefills (fast mode: one eviction per chunk)."""
+    """Bring `state` to stream position `length` with chunked prefills (fast mode: one eviction per chunk; exact
+    for a policy that reads the model's surprise, which a fast prefill cannot give it)."""
     gen = torch.Generator().manual_seed(0)
+    mode = filling(policy)
     done = int(state.next_pos.min())
     while done < length:
         n = min(chunk, length - done)
-        model.prefill(torch.randint(0, model.cfg.vocab_size, (batch, n), generator=gen), state, policy, mode="fast")
+        model.prefill(torch.randint(0, model.cfg.vocab_size, (batch, n), generator=gen), state, policy, mode=mode)
         done += n
     return state
 
@@ -66,7 +73,8 @@ def stream_memory(model, policy, tokens: int, piece: int = 256, warmup: int = 20
     trace = []
     for start in tqdm(range(0, tokens, piece), desc="stream memory", leave=False, disable=not progress):
         n = min(piece, tokens - start)
-        model.prefill(torch.randint(0, model.cfg.vocab_size, (1, n), generator=gen), state, policy, mode="fast")
+        model.prefill(torch.randint(0, model.cfg.vocab_size, (1, n), generator=gen), state, policy,
+                      mode=filling(policy))
         trace.append((start + n, current_rss_mib()))
     after = [mb for t, mb in trace if t >= warmup] or [trace[-1][1]]
     return {"tokens": tokens, "warmup": warmup, "rss_mb_after_warmup": after[0], "rss_mb_end": trace[-1][1],

@@ -120,3 +120,14 @@ def test_the_eval_grid_scores_surprise_as_its_own_recurrence():
     logits, _ = model.prefill(ids, None, policy, all_logits=True)
     alone = -logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     torch.testing.assert_close(grid, alone, rtol=0, atol=TOL)
+
+
+def test_bench_fills_a_surprise_state_exactly():
+    """msrnn bench brings a state to a stream position with fast prefills, which refuse surprise: it fills a
+    surprise state with exact ones, and the state holds its budget with every surprise known."""
+    from msrnn import bench
+
+    model, policy = tiny(), Surprise(8, recent=4, span=3)
+    state = bench.advance(model, model.init_state(1, policy), policy, 40, chunk=16)
+    assert int(state.next_pos[0]) == 40 and [layer.size for layer in state.layers] == [8, 8]
+    assert all(bool(torch.isfinite(layer.surprise[:, :, : layer.size]).all()) for layer in state.layers)
