@@ -390,6 +390,10 @@ class State:
             return f"next_pos must be non-negative int64 of shape (batch,), got {nxt.dtype} {tuple(nxt.shape)}"
         if not self.layers:
             return "it holds no layer"
+        for name in ("last_logits", "surprise_tail"):  # what a surprise-reading policy continues from
+            t = getattr(self, name)
+            if t is not None and (t.dim() != 2 or t.shape[0] != nxt.shape[0] or not t.is_floating_point()):
+                return f"{name} has shape {tuple(t.shape)}, not ({nxt.shape[0]}, ...)"
         if self.layers[0].keys.dim() != 4:
             return f"layer 0's keys have shape {tuple(self.layers[0].keys.shape)}, not (batch, kv heads, n, head_dim)"
         B, (Hkv, hd) = nxt.shape[0], (self.layers[0].keys.shape[1], self.layers[0].keys.shape[-1])
@@ -410,6 +414,8 @@ class State:
                 return f"layer {i} holds the same position twice"
             if not bool(torch.isfinite(k).all() and torch.isfinite(v).all()):
                 return f"layer {i} holds keys or values that are not finite"
+            if layer.surprise is not None and (layer.surprise.shape != pos.shape or not layer.surprise.is_floating_point()):
+                return f"layer {i}'s surprise has shape {tuple(layer.surprise.shape)}, not ({B}, {Hkv}, {n})"
         return None
 
 

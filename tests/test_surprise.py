@@ -131,3 +131,21 @@ def test_bench_fills_a_surprise_state_exactly():
     state = bench.advance(model, model.init_state(1, policy), policy, 40, chunk=16)
     assert int(state.next_pos[0]) == 40 and [layer.size for layer in state.layers] == [8, 8]
     assert all(bool(torch.isfinite(layer.surprise[:, :, : layer.size]).all()) for layer in state.layers)
+
+
+def test_a_damaged_surprise_in_a_state_file_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model, policy = tiny(), Surprise(8, recent=4, span=3)
+    _, state = model.prefill(torch.tensor([tokens(20, 7)]), None, policy)
+    path = tmp_path / "s.safetensors"
+    state.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    for name, bad in (("layers.1.surprise", torch.zeros(1, 2, 3)), ("last_logits", torch.zeros(2, 61))):
+        t = load_file(str(path))
+        t[name] = bad
+        save_file(t, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(InputError, match="damaged"):
+            State.load(tmp_path / "bad.safetensors")
