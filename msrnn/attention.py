@@ -15,8 +15,10 @@ function (equal logits, the same states kept):
                    layer-major          tests/test_scan.py::test_layer_major_equals_token_major
   ring_step        a decode step (T = 1) of a bounded layer that holds exactly its k states: one slot rewritten
                    tests/test_scan.py::test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_does
-  compiled step    model.compile(): each layer's one-token call (ring_step or the unbounded step) via torch.compile
+  compiled step    model.compile(): a one-token step through torch.compile; all layers as one graph once each
+                   holds its k states (ring_step), else (unbounded, filling up) each layer's call alone
                    tests/test_scan.py::test_a_compiled_step_equals_the_eager_one
+                   tests/test_scan.py::test_the_whole_compiled_step_is_one_graph_per_token_and_equals_the_eager_one
   fused_attention  fused=True (msrnn.hf) with a policy that reads no probabilities (window, sinks, keydiff...)
                    tests/test_hf.py::test_every_policy_equals_msrnn
                    tests/test_hf.py::test_policies_without_attention_never_materialise_probabilities

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import quant, surprise
+from . import llama_cpp, quant, surprise
 from .errors import CheckpointError, InputError
 from .grid import budget_label, check_layers, parse_budgets
 from .report import current_rss_mib, peak_rss_mib, pyplot
@@ -116,7 +116,7 @@ def side_by_side(runs: dict, rounds: int = 5, clock=time.perf_counter) -> dict:
 def msrnn_decoder(model, policy, position: int, steps: int, batch: int = 1):
     """A function that decodes `steps` tokens from stream position `position` (the state is left as it ends)."""
     state = advance(model, model.init_state(batch, policy), policy, position, batch=batch)
-    token = torch.full((batch,), 42)
+    token = torch.full((batch,), 42 % model.cfg.vocab_size)  # any token: 42 in a real vocabulary
     return lambda: [model.step(token, state, policy) for _ in range(steps)]
 
 
@@ -134,8 +134,7 @@ def floor_chain(model):
 def format_floors(model, rounds: int = 5) -> dict:
     """The floor of this model's shapes in every weight format (random weights), timed in turn: what each --dtype
     could reach on this machine."""
-    shapes = [(m.out_features, m.in_features) for m in model.modules()
-              if isinstance(m, quant.LINEARS)]
+    shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, quant.LINEARS)]
     if model.lm_head is None:
         shapes.append(tuple(model.embed.weight.shape))
     gen = torch.Generator().manual_seed(0)
@@ -158,11 +157,8 @@ class HFRunner:
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # its GGUF conversion bars would interleave with ours
-        kwargs = dict(dtype=dtype)
-        if source.is_file():  # GGUF
-            self.model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, **kwargs)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        gguf = dict(gguf_file=source.name) if source.is_file() else {}  # a GGUF: its folder and its name
+        self.model = AutoModelForCausalLM.from_pretrained(source.parent if gguf else source, dtype=dtype, **gguf)
         self.model.eval()
 
     @torch.inference_mode()
@@ -365,6 +361,7 @@ def report(res: dict) -> str:
         a = res["fp32_agreement"]
         out += ["", f"{res['dtype']} vs float32 on {a['tokens']} tokens: max |Δ logit| {a['max_abs_logit_diff']:.3f}, "
                 f"top-1 agreement {100 * a['top1_agreement']:.1f} %, mean KL {a['mean_kl']:.2e}"]
+    out += llama_cpp.report_lines(res["llama_cpp"]) if "llama_cpp" in res else []
     out += ["", "peak RSS (MB) after each phase: " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items())]
     return "\n".join(out)
 
@@ -424,9 +421,11 @@ def run(args) -> int:
     if args.stream_tokens < 0:
         raise InputError("--stream-tokens: give a positive number, or 0 to skip the stream.")
     check_throughput(args.budget_context, lists["budget_states"])
+    llama = args.compare == "llama.cpp" and llama_cpp.find_llama_bench(getattr(args, "llama_bench", None))
     for k in budgets:  # an unknown name, a bad file:Class or a budget the policy refuses, before minutes of loading
         make_policy(args.policy, k)
     source = resolve(args.model)  # None: the bundled GGUF
+    gguf = llama and llama_cpp.check_gguf(source)
     model = load_model(source, dtype=args.dtype)
     check_layers([args.policy], budgets, model.cfg.num_hidden_layers)  # a per-layer list of the model's depth
     if getattr(args, "compile", False):
@@ -436,6 +435,8 @@ def run(args) -> int:
                     compare=args.compare == "transformers",
                     stream_tokens=args.stream_tokens, stream_states=args.stream_states)
     res["compiled"] = bool(getattr(args, "compile", False))
+    if llama:  # llama-bench and msrnn in turn, on the same file and threads
+        res["llama_cpp"] = llama_cpp.side_by_side(model, llama, gguf, prompt=args.prefill_tokens)
     text = report(res)
     print(text)
     out = Path(args.out)

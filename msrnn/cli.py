@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "weight-reading floor timed in turn. Example: msrnn bench --compare transformers --out "
                     "docs/results/bench")
     model_options(p, dtype="auto")
-    p.add_argument("--compare", default="transformers", choices=["transformers", "none"],
-                   help="also time transformers in the same process")
+    p.add_argument("--compare", default="transformers", choices=["transformers", "llama.cpp", "none"],
+                   help="also time transformers in the same process, or llama.cpp's llama-bench on the same GGUF")
+    p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench executable (default: on PATH)")
     p.add_argument("--policy", default="tova", help=f"bounded policy to time: {POLICY_FORMS}")
     p.add_argument("--states", default="256",
                    help="its budgets, comma-separated (a row and a line each); one per layer in brackets, e.g. "

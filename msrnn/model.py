@@ -85,6 +85,26 @@ class Block(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+def _layers(blocks, x, layer_states, pos, rope, policies):
+    """One token (T = 1) through every layer: what `Transformer.compile` compiles as one graph."""
+    for block, layer_state, policy in zip(blocks, layer_states, policies):
+        x = Block.forward(block, x, layer_state, pos, rope, policy)
+    return x
+
+
+def static_step(state: State, policies) -> bool:
+    """Whether a one-token step can run as one graph of static shapes: every layer bounded and holding exactly its
+    k states (attention.ring_step: no host sync, nothing changes size), and no trace. An unbounded layer grows by a
+    slot a step: its graphs recompile as its buffers grow, 30 layers at once in one graph (tens of seconds), so an
+    unbounded step stays layer by layer."""
+    for layer, policy in zip(state.layers, policies):
+        if layer.trace is not None or policy is None or policy.states is None:
+            return False
+        if rotates_at_use(policy.positions) or not layer.holds_exactly(policy):
+            return False
+    return True
+
+
 def as_tokens(tokens, device) -> torch.Tensor:
     """`tokens` (a tensor or nested lists of ids) as a tensor on `device`: text, floats or an empty batch are
     refused here, with a message that says what to pass, instead of failing deep inside torch."""
@@ -113,6 +133,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.identity = ""  # where the weights came from (checked when a saved state is loaded)
+        self.compiled_layers = None  # the whole one-token step compiled (compile()), or None: eager
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,15 +152,20 @@ class Transformer(nn.Module):
         return State.empty(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity,
                            self.dtype, rope_at_use=rope_at_use, meta=meta, device=self.embed.weight.device)
 
-    def compile(self, backend: str = "inductor", **options) -> "Transformer":
-        """Compile each layer's one-token step with torch.compile (`msrnn bench/generate --compile`).
+    def compile(self, backend: str = "inductor", whole_step: bool = True, **options) -> "Transformer":
+        """Compile the one-token step with torch.compile (`msrnn bench/generate --compile`).
 
-        A decode step is ~75 small operations per layer, each a few microseconds of dispatch and, with several
-        threads, a fork-join: the compiled layer fuses them into a few kernels around the weight products. The
-        policy's Python is traced with the rest (one graph per layer call, no host sync inside it: see
-        `attention.ring_step`); the layers share their graphs (they differ only in weights). Chunks (T > 1) stay
-        eager: their matrix products dominate. The first steps compile (tens of seconds with inductor, which needs
-        a C++ compiler); results equal the eager model's up to float rounding. Returns the model."""
+        Two compiled functions: the whole step (`_layers`: every layer in one graph, one dynamo guard check per
+        token instead of one per layer call: 60-190 us each, 30 layers) once every layer holds exactly its k states
+        (`attention.ring_step`: static shapes, no host sync; `static_step`); and each layer's call alone
+        (`Block.forward`; the layers share its graphs) for an unbounded state, which grows a slot a step, and while
+        a bounded layer still fills up, where `compact` reads sizes on the host (graph breaks, by design). The whole
+        step is a graph 30 layers long: its first call compiles for tens of seconds more (once per policy and batch
+        size; `whole_step=False` leaves it out). A decode step is ~75 small operations per layer, each a few microseconds of dispatch and, with
+        several threads, a fork-join: compiled, they fuse into a few kernels around the weight products. Chunks
+        (T > 1) stay eager: their matrix products dominate. The first steps compile (a minute with inductor, which
+        needs a C++ compiler; `compile_cache` keeps the result on disk for the next process); results equal the
+        eager model's up to float rounding. Returns the model."""
         import functools
         import logging
         import os
@@ -147,16 +173,21 @@ class Transformer(nn.Module):
 
         import torch._dynamo
 
+        from .compile_cache import use_cache
+
         cpu = self.embed.weight.device.type == "cpu"
         if backend == "inductor" and cpu and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "g++", "clang++"))):
             raise InputError("compiling for the CPU with torch's inductor needs a C++ compiler, and none was found "
                              "(g++, clang++ or $CXX); install one (e.g. apt install g++) or run without --compile.")
+        if backend == "inductor":
+            use_cache()  # inductor's and AOTAutograd's on-disk caches under msrnn's cache folder
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # policies x shapes
         # Until a layer holds its k states, a step sizes the state on the host (graph breaks, by design): keep
         # dynamo's warnings about them out of the user's output (errors still show)
         torch._logging.set_logs(dynamo=logging.ERROR)
         try:
             step = torch.compile(Block.forward, backend=backend, **options)
+            self.compiled_layers = torch.compile(_layers, backend=backend, **options) if whole_step else None
         except Exception as e:  # an unknown backend or option: torch's own message, under ours
             raise InputError(f"torch.compile refused backend={backend!r} {options or ''}: {e}") from e
         for block in self.layers:
@@ -200,10 +231,14 @@ class Transformer(nn.Module):
         cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
         x = self.embed(tokens)  # (B, T, d)
         layers = len(self.layers)
-        for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
-            layer_policy = policy.at_layer(i, layers) if policy is not None else None  # its own budget (PyramidKV)
-            run = block.compiled if T == 1 and block.compiled is not None else block  # see compile()
-            x = run(x, layer_state, pos, (inv_freq, cos, sin), layer_policy, each_token)
+        policies = [policy.at_layer(i, layers) if policy is not None else None for i in range(layers)]  # PyramidKV
+        rope = (inv_freq, cos, sin)
+        if T == 1 and each_token and self.compiled_layers is not None and static_step(state, policies):
+            x = self.compiled_layers(self.layers, x, state.layers, pos, rope, policies)  # one graph (see compile())
+        else:
+            for block, layer_state, layer_policy in zip(self.layers, state.layers, policies):
+                run = block.compiled if T == 1 and block.compiled is not None else block  # see compile()
+                x = run(x, layer_state, pos, rope, layer_policy, each_token)
         state.next_pos = state.next_pos + T
         check_unranked(state.layers, lambda i: policy.at_layer(i, layers))  # NaN priorities: one sync a step
         return self.norm(x)

@@ -248,7 +248,8 @@ class LayerState:
     def copy(self) -> "LayerState":
         return LayerState(self.keys.clone(), self.values.clone(), self.pos.clone(), self.score.clone(), self.size,
                           self.maybe_empty, norms=None if self.norms is None else self.norms.clone(),
-                          surprise=None if self.surprise is None else self.surprise.clone())
+                          surprise=None if self.surprise is None else self.surprise.clone(),
+                          full_at=self.full_at)  # a fork of a full layer takes the one-slot step at once
 
 
 @dataclass

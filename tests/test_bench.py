@@ -1,5 +1,6 @@
 """`msrnn bench` runs end to end on a tiny checkpoint (no timing is asserted: machines differ)."""
 import json
+import os
 import re
 
 import pytest
@@ -98,3 +99,99 @@ def test_bench_refuses_budget_states_that_never_reach_the_full_cache(tmp_path, c
     assert "StopIteration" not in err and not (tmp_path / "bench").exists()
     with pytest.raises(msrnn.InputError, match="--budget-states"):  # the API says the same
         bench.Bench(msrnn.load_model(directory), None, budget_context=64, budget_states=(8, 16))
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# a stand-in for llama.cpp's llama-bench: logs its arguments, prints what `-o json` prints (pp: 1 ms a token,
+# tg: 5 ms a token) after a line of its log, as the real one may
+import json, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+p, n = int(args[args.index("-p") + 1]), int(args[args.index("-n") + 1])
+print("main: llama backend init")
+print(json.dumps([{{"build_commit": "fake", "n_prompt": p, "n_gen": 0, "avg_ns": p * 1e6, "avg_ts": 1000.0}},
+                  {{"build_commit": "fake", "n_prompt": 0, "n_gen": n, "avg_ns": n * 5e6, "avg_ts": 200.0}}]))
+"""
+
+
+def fake_llama_bench(tmp_path, body=FAKE_LLAMA_BENCH):
+    import sys
+
+    exe, log = tmp_path / "llama-bench", tmp_path / "llama-bench.log"
+    exe.write_text(body.format(python=sys.executable, log=str(log)))
+    exe.chmod(0o755)
+    return exe, log
+
+
+LLAMA_ARGS = ["--dtype", "fp32", "--positions", "4", "--bounded-positions", "20", "--states", "8", "--steps", "1",
+              "--prefill-tokens", "8", "--budget-context", "16", "--budget-states", "8,16", "--stream-tokens", "0"]
+
+
+def test_bench_runs_llama_bench_on_the_same_gguf_in_turn_and_reports_the_ratio(tmp_path, capsys):
+    """--compare llama.cpp: llama-bench (a fake here, printing the real one's JSON) runs on the model's own GGUF with
+    the same threads, once per round plus a warm-up, and the report gives msrnn / llama.cpp from those numbers."""
+    from test_gguf import write_gguf
+
+    gguf = write_gguf(tmp_path / "tiny.gguf")
+    exe, log = fake_llama_bench(tmp_path)
+    out = tmp_path / "bench"
+    main(["bench", "--model", str(gguf), "--compare", "llama.cpp", "--llama-bench", str(exe), "--threads", "1",
+          *LLAMA_ARGS, "--out", str(out)])
+    r = json.loads((out / "bench.json").read_text())["llama_cpp"]
+    assert r["llama_cpp"] == {"tg_ms": 5.0, "pp_tps": 1000.0} and r["build"] == "fake" and r["threads"] == 1
+    assert r["tg_ratio"] == pytest.approx(r["msrnn"]["tg_ms"] / 5.0) and r["msrnn"]["tg_ms"] > 0
+    assert r["pp_ratio"] == pytest.approx(r["msrnn"]["pp_tps"] / 1000.0)
+    calls = log.read_text().splitlines()
+    assert len(calls) == r["rounds"] + 1  # a warm-up, then one run per round
+    assert all(f"-m {gguf} -t 1 -p 8 -n 64 -r 1 -o json" == c for c in calls)
+    table = (out / "bench.md").read_text()
+    assert "| decode tg64, ms/token |" in table and f"{r['tg_ratio']:.2f}x time" in table
+    assert "llama.cpp side by side" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"needs llama.cpp's llama-bench, and none is on PATH; build it .*pip download"),
+    ("not executable", r"--llama-bench .*: no executable llama-bench there; build it"),
+    ("not a gguf", r"times the same GGUF file in both programs, and .* is not one; pass --model FILE.gguf"),
+    ("other output", r"llama-bench's output is not the JSON msrnn reads"),
+])
+def test_bench_llama_cpp_errors_say_how_to_fix_them(tmp_path, capsys, monkeypatch, case, message):
+    from test_gguf import write_gguf
+
+    model = str(write_gguf(tmp_path / "tiny.gguf"))
+    exe, _ = fake_llama_bench(tmp_path, FAKE_LLAMA_BENCH if case != "other output" else "#!/bin/sh\necho hello\n")
+    extra = ["--llama-bench", str(exe)]
+    if case == "missing":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        extra = []
+    elif case == "not executable":
+        exe.chmod(0o644)
+    elif case == "not a gguf":
+        model = save(hf_model(max_position_embeddings=512), tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--model", model, "--compare", "llama.cpp", *extra, *LLAMA_ARGS, "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and re.search(message, err), err
+
+
+def test_the_compile_cache_lives_where_the_docs_say(tmp_path, monkeypatch):
+    """--compile's on-disk cache: $MSRNN_CACHE/compile, else $XDG_CACHE_HOME/msrnn/compile, else
+    ~/.cache/msrnn/compile; a TORCHINDUCTOR_CACHE_DIR of the user's own wins, torch's own default does not."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from msrnn.compile_cache import cache_dir, use_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "mine"))
+    assert use_cache() == tmp_path / "mine" / "compile" and (tmp_path / "mine" / "compile").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine" / "compile")  # where inductor writes
+    monkeypatch.delenv("MSRNN_CACHE")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch sets once it has looked
+    assert cache_dir() == tmp_path / "home" / ".cache" / "msrnn" / "compile"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "msrnn" / "compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))
+    assert cache_dir() == tmp_path / "theirs"

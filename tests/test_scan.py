@@ -255,6 +255,66 @@ def test_a_compiled_step_equals_the_eager_one():
     torch.testing.assert_close(prefill, stepped(model, tokens[:, :7], policies[1])[0][:, -1], rtol=0, atol=TOL)
 
 
+def test_the_whole_compiled_step_is_one_graph_per_token_and_equals_the_eager_one():
+    """model.compile() runs a step in which every layer holds exactly its k states as one compiled
+    function over all layers (one guard check per token): from a full state every step goes there, never through a
+    layer's own compiled call, with no graph break; logits equal the eager model's, the same positions are kept. Budgets
+    per layer (pyramidkv), per kv head, a score (h2o) and value norms (tova-value) ride in the same graph."""
+    import torch._dynamo
+
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=3), d))
+    tokens = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(5))
+    policies = [make_policy("tova", 5), make_policy("h2o", 6), make_policy("tova-value", 5),
+                make_policy("pyramidkv", 6), make_policy("tova-head", 5).per_head((4, 6))]
+    starts = [stepped(model, tokens[:, :8], policy)[1] for policy in policies]
+    eager = [stepped(model, tokens[:, 8:], policy, start.fork()) for policy, start in zip(policies, starts)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile(backend="aot_eager")
+    whole, calls = model.compiled_layers, []
+    model.compiled_layers = lambda *a: calls.append(1) or whole(*a)
+    for block in model.layers:  # a layer's own compiled call must not run from a full state
+        block.compiled = None
+    try:
+        for policy, start, (logits, state) in zip(policies, starts, eager):
+            calls.clear()
+            compiled, compiled_state = stepped(model, tokens[:, 8:], policy, start.fork())
+            assert len(calls) == 6, policy  # every step, as one call over all layers
+            torch.testing.assert_close(compiled, logits, rtol=0, atol=1e-5)  # the same ops, maybe in another order
+            assert held(compiled_state) == held(state)
+    finally:
+        torch._dynamo.reset()
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_a_compiled_model_fills_its_state_through_the_layers_own_graphs():
+    """Until every layer holds its k states a step sizes the state on the host: it runs layer by layer (each layer's
+    compiled call), then the whole-step graph takes over; logits equal the eager model's throughout."""
+    import torch._dynamo
+
+    with tempfile.TemporaryDirectory() as d:
+        model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=2), d))
+    tokens = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(6))
+    policy = make_policy("tova", 4)
+    logits, state = stepped(model, tokens, policy)
+    full = stepped(model, tokens, None)[0]
+    torch._dynamo.reset()
+    model.compile(backend="aot_eager")
+    whole, calls = model.compiled_layers, []
+    model.compiled_layers = lambda *a: calls.append(1) or whole(*a)
+    try:
+        compiled, compiled_state = stepped(model, tokens, policy)
+        assert len(calls) == 9 - 4  # from the 5th token on: the 4 states held when it arrives
+        unbounded = stepped(model, tokens, None)[0]  # grows a slot a step: never the whole-step graph
+        assert len(calls) == 9 - 4
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, logits, rtol=0, atol=1e-5)
+    assert held(compiled_state) == held(state)
+    torch.testing.assert_close(unbounded, full, rtol=0, atol=1e-5)
+
+
 def test_a_prefill_gives_back_the_slots_its_chunks_grew_the_state_by():
     """A chunk of T tokens grows a bounded layer to k + T slots; after the prefill it holds k + 2 again (the next
     token and a spare), so decoding reads small buffers, and the recurrence goes on unchanged."""
