@@ -1,6 +1,6 @@
 """What each speed lever of the decode step and the prefill buys, each timed against itself without it, in turn.
 
-    python benchmarks/decode_levers.py --dtype auto --threads 2 [--compile]
+    python benchmarks/decode_levers.py --dtype auto --threads 2 [--compile] [--only compile]
 
 - ring:    a full layer's decode step as one slot write (`attention.ring_step`) vs the general path (append, drop_lowest,
            compact), TOVA-256 at stream position 2,000; next to the full cache at 2,000 and at 16.
@@ -8,7 +8,8 @@
            matrix-vector kernels.
 - compile: the compiled one-token step (`Transformer.compile`, inductor, what `--compile` does) vs eager: the full
            cache at 16 / 512 / 2,000, TOVA-256 and tova-value-256 at 2,000 (--compile: the first compile takes tens of
-           seconds).
+           seconds); for the bounded ones also each layer's compiled call alone ("per layer": what --compile did
+           before the whole-step graph, `Transformer.compile(whole_step=False)`).
 Prints a markdown table: median ms over in-turn rounds (wall), and the process's CPU ms per call, which a busy
 machine disturbs less than the wall clock."""
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--only", choices=["compile"], help="time the compile lever only (eager vs compiled)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,13 +58,15 @@ def main() -> None:
     tova, steps = make_policy("tova", 256), args.steps
     holds, rows = msrnn.state.LayerState.holds_exactly, msrnn.quant.GEMM_ROWS
     compiled = [block.compiled for block in model.compile().layers] if args.compile else None
+    whole = model.compiled_layers if args.compile else None
 
-    def lever(ring=True, gemm=True, compile=False):
+    def lever(ring=True, gemm=True, compile=False, whole_step=True):
         def switch():
             msrnn.state.LayerState.holds_exactly = holds if ring else (lambda self, policy: False)
             msrnn.quant.GEMM_ROWS = rows if gemm else 1 << 30
             for i, block in enumerate(model.layers):
                 block.compiled = compiled[i] if compile else None
+            model.compiled_layers = whole if compile and whole_step else None
         return switch
 
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
@@ -74,6 +78,8 @@ def main() -> None:
         "prefill 512, unpacked bf16 GEMM": (lambda: model.prefill(prompt), lever()),
         "prefill 512, int kernels": (lambda: model.prefill(prompt), lever(gemm=False)),
     }
+    if args.only == "compile":
+        runs = {}
     if args.compile:
         value = make_policy("tova-value", 256)
         for name, policy, at in [("full cache at 16", None, 16), ("full cache at 512", None, 512),
@@ -81,6 +87,9 @@ def main() -> None:
                                  ("tova-value-256 at 2,000", value, 2000)]:
             runs[f"{name}, eager"] = (msrnn_decoder(model, policy, at, steps), lever())
             runs[f"{name}, compiled step"] = (msrnn_decoder(model, policy, at, steps), lever(compile=True))
+            if policy is not None:  # a bounded state at 2,000 holds its k states: the whole-step graph runs
+                runs[f"{name}, compiled per layer"] = (msrnn_decoder(model, policy, at, steps),
+                                                       lever(compile=True, whole_step=False))
     t = timed(runs, args.rounds)
     lever()()
     print(f"| {args.dtype}, {torch.get_num_threads()} threads | wall ms | CPU ms |\n|---|---:|---:|")

