@@ -263,7 +263,7 @@ def test_the_whole_compiled_step_is_one_graph_per_token_and_equals_the_eager_one
     import torch._dynamo
 
     with tempfile.TemporaryDirectory() as d:
-        model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=3), d))
+        model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=2), d))
     tokens = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(5))
     policies = [make_policy("tova", 5), make_policy("h2o", 6), make_policy("tova-value", 5),
                 make_policy("pyramidkv", 6), make_policy("tova-head", 5).per_head((4, 6))]
