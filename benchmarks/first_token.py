@@ -5,8 +5,8 @@ empty compile cache) and in the ones after it (the cache `--compile` keeps: msrn
 
 Each process is timed from its start (the interpreter's launch) to the first byte of text it prints (the prompt's
 last logits, from the eager prefill), to the second (the first compiled step: the compile happens here) and to the
-end of `--tokens` tokens. The cache goes to a fresh folder (MSRNN_CACHE) for the first process and is then reused.
-Prints a markdown table."""
+end of `--tokens` tokens. The cache goes to a fresh folder (MSRNN_CACHE) for the first process and is then reused;
+a last process runs the same command without --compile (the baseline). Prints a markdown table."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +17,10 @@ import tempfile
 import time
 
 
-def one_process(args, cache: str) -> dict:
-    cmd = [sys.executable, "-m", "msrnn", "generate", args.prompt, "--max-new-tokens", str(args.tokens), "--compile",
+def one_process(args, cache: str, compile: bool = True) -> dict:
+    cmd = [sys.executable, "-m", "msrnn", "generate", args.prompt, "--max-new-tokens", str(args.tokens),
            "--threads", str(args.threads), "--policy", args.policy, "--states", str(args.states), "--temperature", "0"]
+    cmd += ["--compile"] if compile else []
     env = dict(os.environ, MSRNN_CACHE=cache, PYTHONUNBUFFERED="1")
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     t0 = time.perf_counter()
@@ -51,11 +52,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         rows = [one_process(args, cache) for _ in tqdm(range(args.processes), desc="processes")]
+        eager = one_process(args, cache, compile=False)  # the same command without --compile: the baseline
     print(f"| generate --compile, {args.threads} threads, {args.policy}-{args.states}, {args.tokens} tokens | "
           "first text (s) | second token (s) | all tokens (s) |\n|---|---:|---:|---:|")
     for i, r in enumerate(rows):
         name = "first process (empty cache)" if i == 0 else f"process {i + 1} (cache kept)"
         print(f"| {name} | {r['first']:.1f} | {r['second']:.1f} | {r['end']:.1f} |")
+    print(f"| without --compile (eager) | {eager['first']:.1f} | {eager['second']:.1f} | {eager['end']:.1f} |")
 
 
 if __name__ == "__main__":
