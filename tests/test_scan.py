@@ -259,14 +259,14 @@ def test_the_whole_compiled_step_is_one_graph_per_token_and_equals_the_eager_one
     """model.compile() runs a step in which every layer holds exactly its k states as one compiled
     function over all layers (one guard check per token): from a full state every step goes there, never through a
     layer's own compiled call, with no graph break; logits equal the eager model's, the same positions are kept. Budgets
-    per layer (pyramidkv), per kv head, a score (h2o) and value norms (tova-value) ride in the same graph."""
+    per layer (pyramidkv), per kv head, a score (h2o), value norms (tova-value) and surprise ride in the same graph."""
     import torch._dynamo
 
     with tempfile.TemporaryDirectory() as d:
         model = msrnn.load_model(save(hf_model("llama", num_hidden_layers=2), d))
     tokens = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(5))
     policies = [make_policy("tova", 5), make_policy("h2o", 6), make_policy("tova-value", 5),
-                make_policy("pyramidkv", 6), make_policy("tova-head", 5).per_head((4, 6))]
+                make_policy("pyramidkv", 6), make_policy("tova-head", 5).per_head((4, 6)), make_policy("surprise", 6)]
     starts = [stepped(model, tokens[:, :8], policy)[1] for policy in policies]
     eager = [stepped(model, tokens[:, 8:], policy, start.fork()) for policy, start in zip(policies, starts)]
     torch._dynamo.reset()
