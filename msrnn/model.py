@@ -312,8 +312,9 @@ class Transformer(nn.Module):
         surprise.check(policy, getattr(policy, "positions", "absolute"), "exact")
         h = self._advance(tokens[:, None], state, policy)  # (B, 1, d)
         logits = self._logits(h[:, 0])  # (B, vocab)
-        if surprise.settings(policy) is not None:  # the policy ranks states by how much they surprised the model
-            surprise.record(state, tokens[:, None], h, self._logits, surprise.settings(policy)[0], last=logits)
+        reads = surprise.settings(policy)  # (span, recent) of a policy that ranks states by how they surprised
+        if reads is not None:
+            surprise.record(state, tokens[:, None], h, self._logits, reads[0], last=logits)
         return logits, state
 
     @torch.inference_mode()

@@ -3,9 +3,9 @@
 A needle ("The secret number is 48213.") dropped into a novel is what a bounded state should keep and what every
 attention-ranked policy drops: nothing attends to it until the question, which comes after the eviction. What
 marks it while it is read is that the model did not see it coming: its first words have a surprisal
--log p(x_t | x_<t) among the highest of the text (" The" after a novel's sentence: 15 nats, rank 2 of 2,048 in
-docs/results/needle/surprise). The number itself is not surprising (2-4 nats a digit), but it follows within a few
-tokens. So the quantity kept per state is the surprise of its *episode* (EM-LLM, Fountas et al. 2024, arXiv
+-log p(x_t | x_<t) among the highest of the text (" The", " secret" or " number": 13-17 nats, among the ~10 most
+surprising of 2,048 tokens in docs/results/needle/surprise-2048/probe.txt). The number itself is not surprising
+(2-4 nats a digit), but it follows within a few tokens. So the quantity kept per state is the surprise of its *episode* (EM-LLM, Fountas et al. 2024, arXiv
 2407.09450, cuts a stream into events where surprise peaks):
 
     s_t = -log p(x_t | x_<t)                       the model's own, under the bounded state (s_0 = 0)
@@ -17,7 +17,8 @@ e of a state is written after the call that fed it (+inf until then), and a poli
 `recent` states regardless, while prefill feeds at most `recent` tokens per chunk. Stepping and the chunked scan
 then decide alike (tests/test_surprise.py holds both to msrnn/reference.py, which knows e_t at once).
 
-The state carries what the next call needs: the last logits (B, vocab) and the last span - 1 surprisals (B,).
+The state carries what the next call needs: the last logits (B, vocab) and the last span - 1 surprisals
+(B, span - 1).
 """
 from __future__ import annotations
 
