@@ -5,8 +5,8 @@ attention-ranked policy drops: nothing attends to it until the question, which c
 marks it while it is read is that the model did not see it coming: its first words have a surprisal
 -log p(x_t | x_<t) among the highest of the text (" The", " secret" or " number": 13-17 nats, among the ~10 most
 surprising of 2,048 tokens in docs/results/needle/surprise-2048/probe.txt). The number itself is not surprising
-(2-4 nats a digit), but it follows within a few tokens. So the quantity kept per state is the surprise of its *episode* (EM-LLM, Fountas et al. 2024, arXiv
-2407.09450, cuts a stream into events where surprise peaks):
+(2-4 nats a digit), but it follows within a few tokens. So the quantity kept per state is the surprise of its
+*episode* (EM-LLM, Fountas et al. 2024, arXiv 2407.09450, cuts a stream into events where surprise peaks):
 
     s_t = -log p(x_t | x_<t)                       the model's own, under the bounded state (s_0 = 0)
     e_t = max(s_{t-span+1}, ..., s_t)              the largest surprise within `span` tokens up to t
