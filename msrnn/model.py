@@ -161,8 +161,9 @@ class Transformer(nn.Module):
         (`Block.forward`; the layers share its graphs) for an unbounded state, which grows a slot a step, and while
         a bounded layer still fills up, where `compact` reads sizes on the host (graph breaks, by design). The whole
         step is a graph 30 layers long: its first call compiles for tens of seconds more (once per policy and batch
-        size; `whole_step=False` leaves it out). A decode step is ~75 small operations per layer, each a few microseconds of dispatch and, with
-        several threads, a fork-join: compiled, they fuse into a few kernels around the weight products. Chunks
+        size; `whole_step=False` leaves it out). A decode step is ~75 small operations per layer, each a few
+        microseconds of dispatch and, with several threads, a fork-join: compiled, they fuse into a few kernels
+        around the weight products. Chunks
         (T > 1) stay eager: their matrix products dominate. The first steps compile (a minute with inductor, which
         needs a C++ compiler; `compile_cache` keeps the result on disk for the next process); results equal the
         eager model's up to float rounding. Returns the model."""
@@ -309,10 +310,9 @@ class Transformer(nn.Module):
                              "Use prefill() for a prompt.")
         if state is None:
             state = self.init_state(tokens.shape[0], policy)
-        surprise.check(policy, getattr(policy, "positions", "absolute"), "exact")
+        reads = surprise.check(policy, "exact")  # (span, recent) of a policy that ranks states by how they surprised
         h = self._advance(tokens[:, None], state, policy)  # (B, 1, d)
         logits = self._logits(h[:, 0])  # (B, vocab)
-        reads = surprise.settings(policy)  # (span, recent) of a policy that ranks states by how they surprised
         if reads is not None:
             surprise.record(state, tokens[:, None], h, self._logits, reads[0], last=logits)
         return logits, state
@@ -340,8 +340,7 @@ class Transformer(nn.Module):
         if state is None:
             state = self.init_state(tokens.shape[0], policy)
         bounded = getattr(policy, "states", None) is not None
-        surprise.check(policy, getattr(policy, "positions", "absolute"), mode)
-        reads = surprise.settings(policy) if bounded else None  # (span, recent) of a policy that reads surprise
+        reads = surprise.check(policy, mode) if bounded else None  # (span, recent) of a policy that reads surprise
         if mode == "fast" or not bounded:
             chunk = tokens.shape[1]  # nothing is evicted inside the call: one parallel pass
         elif not policy.layer_local:

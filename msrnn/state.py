@@ -428,18 +428,16 @@ def _stack_layers(rows: list[LayerState]) -> LayerState:
     out = LayerState(keys=ref.keys.new_zeros(B, Hkv, capacity, hd), values=ref.values.new_zeros(B, Hkv, capacity, hd),
                      pos=ref.pos.new_full((B, Hkv, capacity), EMPTY), score=ref.score.new_zeros(B, Hkv, capacity),
                      size=size)
+    if any(r.surprise is not None for r in rows):  # a row read without surprise: 0 (see LayerState.surprises)
+        out.surprises()
     b = 0
     for r in rows:
         rows_here, n = r.keys.shape[0], r.size
-        for dst, src in ((out.keys, r.keys), (out.values, r.values), (out.pos, r.pos), (out.score, r.score)):
+        pairs = [(out.keys, r.keys), (out.values, r.values), (out.pos, r.pos), (out.score, r.score)]
+        if r.surprise is not None:
+            pairs.append((out.surprise, r.surprise))
+        for dst, src in pairs:
             dst[b : b + rows_here, :, :n] = src[:, :, :n]  # (rows, Hkv, n, ...) the row's states, slots [0, n)
         b += rows_here
-    if any(r.surprise is not None for r in rows):  # a row read without surprise: 0 (see LayerState.surprises)
-        out.surprises()
-        b = 0
-        for r in rows:
-            if r.surprise is not None:
-                out.surprise[b : b + r.keys.shape[0], :, : r.size] = r.surprise[:, :, : r.size]
-            b += r.keys.shape[0]
     out.maybe_empty = bool((out.pos[:, :, :size] == EMPTY).any())
     return out

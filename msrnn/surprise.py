@@ -52,10 +52,13 @@ def settings(policy) -> tuple[int, int] | None:
     return spans.pop(), min(p.recent for p in found)
 
 
-def check(policy, scheme, mode: str) -> None:
-    """The ways of running a surprise-reading policy that cannot keep its promise: one InputError each."""
-    if settings(policy) is None:
-        return
+def check(policy, mode: str) -> tuple[int, int] | None:
+    """settings(policy), once the ways of running a surprise-reading policy that cannot keep its promise are ruled
+    out (its position schemes, the prefill `mode`): one InputError each."""
+    reads = settings(policy)
+    if reads is None:
+        return None
+    scheme = policy.positions
     if "rebase" in ((scheme,) if isinstance(scheme, str) else scheme):
         raise InputError("a policy that reads surprise cannot run with positions='rebase', in its rows or in other "
                          "rows of its batch (a rebase renumbers the states while their surprise is matched by "
@@ -64,6 +67,7 @@ def check(policy, scheme, mode: str) -> None:
         raise InputError("a policy that reads surprise needs the model's predictions token by token, which a fast "
                          "prefill (one eviction after a parallel pass) does not make; use mode='exact' "
                          "(--prefill exact).")
+    return reads
 
 
 @torch.no_grad()
@@ -83,7 +87,8 @@ def record(state: State, tokens: torch.Tensor, hidden: torch.Tensor, logits_of, 
         b = min(a + SUB, T - 1)
         lg = logits_of(hidden[:, a:b])  # (B, b - a, vocab)
         s[:, a + 1 : b + 1] = torch.logsumexp(lg, -1) - lg.gather(-1, tokens[:, a + 1 : b + 1, None])[..., 0]
-    state.last_logits = last if last is not None else logits_of(hidden[:, -1])  # (B, vocab) predicts the next call's first
+    # (B, vocab): the prediction of the next call's first token
+    state.last_logits = last if last is not None else logits_of(hidden[:, -1])
     tail = state.surprise_tail  # (B, span - 1) the surprisals before this call (0 where the stream had none)
     if tail is None or tail.shape[1] != span - 1:
         tail = torch.zeros(B, span - 1, device=s.device)
