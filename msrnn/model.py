@@ -25,7 +25,7 @@ from .attention import attend, check_unranked
 from .config import Config
 from .errors import InputError
 from .policies import Policy, check_policy, layer_budgets
-from .rope import cos_sin, effective_positions, inv_frequencies, rotate, rotates_at_use
+from .rope import cos_sin, effective_positions, fused_turn, inv_frequencies, rotate, rotates_at_use, turn
 from .state import EMPTY, State
 
 
@@ -64,18 +64,18 @@ class Block(nn.Module):
         """x (B, T, d) -> (B, T, d): T new tokens through this layer; layer_state grows by T, the policy bounds it.
 
         rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T); inv_freq is (hd/2,), or
-        (T, hd/2) when each token has its own (dynamic scaling, token by token). each_token: the policy evicts after
+        (T, hd/2) when each token has its own (dynamic scaling, token by token); cos, sin are `rope.fused_turn`'s
+        tables for the fused projection. each_token: the policy evicts after
         every token (the recurrence, run here layer-major: see `attention.scan`); False: once, after the whole chunk
         (fast prefill)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q | k | v, hd)
-        inv_freq, cos, sin = rope
+        inv_freq, cos, sin = rope  # cos, sin (B, T, H + 2 Hkv, hd): rope.fused_turn's tables
         scheme = policy.positions if policy is not None else "absolute"
         if not rotates_at_use(scheme):  # keys are cached rotated, once, at their (absolute or rebased) position
-            qk = rotate(qkv[:, :, : H + Hkv], cos[:, :, None], sin[:, :, None])  # q and k heads in one rotation
-            qkv = torch.cat([qk, qkv[:, :, H + Hkv :]], dim=2)
+            qkv = turn(qkv, cos, sin)  # q and k heads rotated, v heads as they were, in one pass
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         q = q.view(B, T, Hkv, H // Hkv, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
@@ -229,7 +229,8 @@ class Transformer(nn.Module):
             seq_len = int(pos.max()) + 1  # dynamic RoPE scales by the length of the forward call (transformers)
         inv_freq = inv_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)  # (hd/2,) | (T, hd/2)
         inv_freq = inv_freq.to(tokens.device)
-        cos, sin = cos_sin(pos, inv_freq, self.dtype)  # (B, T, hd)
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        cos, sin = fused_turn(*cos_sin(pos, inv_freq, self.dtype), H + Hkv, H + 2 * Hkv)  # (B, T, H + 2 Hkv, hd)
         x = self.embed(tokens)  # (B, T, d)
         layers = len(self.layers)
         policies = [policy.at_layer(i, layers) if policy is not None else None for i in range(layers)]  # PyramidKV

@@ -1,19 +1,18 @@
 """Weight-only int8 and int4 linear layers: a decode step reads each weight once, so fewer bytes per weight is speed.
 
 At batch 1 a token's cost is reading the model's matrices from memory: 4 bytes a weight in fp32, 1 in int8, 1/2 in
-int4. PyTorch ships CPU kernels that multiply bf16 activations by weights kept in these formats, dequantizing inside
-the kernel (the gpt-fast recipe): `torch._weight_int8pack_mm` (one scale per output row) and
-`torch._weight_int4pack_mm_for_cpu` (a scale and a zero per group of 32 inputs). Both want bf16 activations (fp32 ones
-take a slow path, 20x slower), so the layers below cast their input to bf16 and their output back; everything around
-them (norms, RoPE, attention, the state) stays fp32, which on a CPU is faster than bf16 for those small operations.
+int4. PyTorch ships a CPU kernel that multiplies bf16 activations by 4-bit codes, dequantizing inside the kernel (the
+gpt-fast recipe): `torch._weight_int4pack_mm_for_cpu`, a scale and a zero per group of 32 inputs. It wants bf16
+activations (fp32 ones take a slow path, 20x slower), so the layers below cast their input to bf16 and their output
+back; everything around them (norms, RoPE, attention, the state) stays fp32, which on a CPU is faster than bf16 for
+those small operations.
 
-    int8:  W[n, k] = s[n] * q[n, k]                        q in -128..127
-    int4:  W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n]     q in 0..15, g = k // group
+    int4:  W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n]     q in 0..15, g = k // 32
+    int8:  W[n, k] = s[g, n] * q[n, k]                      q in -128..127, as two int4 halves (Int8Linear)
 
-GGUF files store exactly these codes: Q4_1 blocks are w = d*q + m (so s = d, z = m + 8d) and Q4_0 blocks w = d*(q - 8)
-(z = 0); `from_codes` packs them without ever making a float matrix. Q8_0 keeps one scale per 32 weights, finer than
-the int8 kernel's one per row, so it is re-quantized per row (the error stays below int8's half step). The only other
-loss is the kernels' bf16 scales.
+GGUF files store exactly these codes: Q4_1 blocks are w = d*q + m (so s = d, z = m + 8d), Q4_0 blocks w = d*(q - 8)
+(z = 0) and Q8_0 blocks w = d*q; `from_codes` packs them without ever making a float matrix. The only loss is the
+kernel's bf16 scales (and bf16 activations).
 
 The kernels are CPU-only in this form (`_for_cpu`); `check_device` says so instead of failing inside torch.
 """
@@ -41,41 +40,6 @@ def _gemm_pays() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W = s[:, None] * q: int8 codes (out, in) and one bf16 scale per output row."""
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        if self.in_features % 16:  # the kernel reads 16 inputs at a time (and crashes on a ragged end)
-            raise CheckpointError(f"int8 weights need an input size divisible by 16; this matrix is "
-                                  f"{self.out_features} x {self.in_features}. Load the model with dtype bf16 or fp32.")
-        self.register_buffer("weight", q)  # (out, in) int8
-        self.register_buffer("scale", scale.to(torch.bfloat16))  # (out,)
-        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
-
-    @classmethod
-    def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        """Symmetric per-row int8 of a float matrix (out, in): the scale is the row's largest |w| / 127."""
-        w = w.float()
-        absmax = torch.maximum(w.amax(dim=1), -w.amin(dim=1))  # (out,) largest |w| per row (faster than abs())
-        scale = (absmax / 127).clamp(min=1e-12).to(torch.bfloat16)  # (out,)
-        q = (w / scale.float()[:, None]).round_().clamp_(-128, 127).to(torch.int8)  # codes for the rounded scale
-        return cls(q, scale, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (rows, in)
-        if x2.shape[0] >= GEMM_ROWS and _gemm_pays():  # a chunk: one bf16 matrix product over the unpacked weights
-            y = F.linear(x2, self.dequantize().to(torch.bfloat16))
-        else:
-            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
-        y = y.view(*x.shape[:-1], -1)  # (..., out) bf16
-        return (y if self.bias is None else y + self.bias).to(x.dtype)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scale.float()[:, None]  # (out, in)
-
-
 class Int4Linear(nn.Module):
     """y = x W^T + b with W[n, k] = (q - 8) * s[k // 32, n] + z[k // 32, n]: 4-bit codes packed by torch's CPU
     kernel layout, and bf16 (scale, zero) pairs per group of 32 inputs.
@@ -86,20 +50,16 @@ class Int4Linear(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
         """codes (out, in) integers 0..15; scale, zero (out, in // 32): W = (codes - 8) * scale + zero."""
         super().__init__()
-        n, k = _check_groups(codes.shape)
-        pad = -n % 16
-        if pad:
-            codes, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (codes.to(torch.uint8), scale, zero))
-        self.out_features, self.in_features = n, k
-        self.register_buffer("packed", pack_int4(codes))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (in // 32, out + pad, 2)
-        self.register_buffer("scale_zero", sz.to(torch.bfloat16).contiguous())
+        self.out_features, self.in_features = _check_groups(codes.shape, "int4")
+        packed, scale_zero = int4_operands(codes, scale, zero)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zero", scale_zero)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
         """Asymmetric group-wise int4 of a float matrix (out, in): each group of 32 spans its own [min, max]."""
-        n, k = _check_groups(w.shape)
+        n, k = _check_groups(w.shape, "int4")
         g = w.float().reshape(n, k // GROUP, GROUP)  # (out, groups, 32)
         lo, hi = g.amin(-1), g.amax(-1)  # (out, groups)
         scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()  # rounded as the kernel will read it
@@ -113,38 +73,123 @@ class Int4Linear(nn.Module):
         return cls(codes, scale, offset + 8 * scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = x.shape[-1]
-        x2 = x.reshape(-1, k).to(torch.bfloat16)  # (rows, in)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (rows, in)
         if x2.shape[0] >= GEMM_ROWS and _gemm_pays() and _int4_block() is not None:  # a chunk: one bf16 product
             y = F.linear(x2, self.unpacked())  # (rows, out) bf16
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scale_zero)  # (rows, out + pad) bf16
-        if y.shape[1] != self.out_features:  # the kernel's padding rows
-            y = y[:, : self.out_features]
+            y = int4_mm(x2, self.packed, self.scale_zero, self.out_features)  # (rows, out) bf16
         y = y.view(*x.shape[:-1], self.out_features)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
     def unpacked(self) -> torch.Tensor:
         """W (out, in) in bf16, computed from the packed codes with tensor ops: (q - 8) * s + z in fp32, rounded once."""
-        n, k = self.out_features, self.scale_zero.shape[0] * GROUP
-        codes = unpack_int4(self.packed, _int4_block())[:n].view(n, k // GROUP, GROUP)  # (out, groups, 32) 0..15
+        n, k = self.out_features, self.in_features
+        codes = int4_codes(self.packed, n).view(n, k // GROUP, GROUP)  # (out, groups, 32) 0..15
         scale, zero = self.scale_zero[:, :n].float().permute(2, 1, 0)[..., None]  # (out, groups, 1) each
         return (codes.float().sub_(8).mul_(scale).add_(zero)).view(n, k).to(torch.bfloat16)
 
     def dequantize(self) -> torch.Tensor:
         """The float matrix (out, in) the kernel multiplies by (a test's reference)."""
-        k = self.scale_zero.shape[0] * GROUP
-        eye = torch.eye(k, dtype=torch.bfloat16)
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         # W^T = I W^T: the kernel applied to the identity reads back every weight as it uses it (bf16-rounded output)
-        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero)[:, : self.out_features].T.float()
+        return int4_mm(eye, self.packed, self.scale_zero, self.out_features).T.float()
 
 
-def _check_groups(shape) -> tuple[int, int]:
-    """(out, in) of a matrix int4 can hold: its input size must split into groups of 32."""
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W[n, k] = s[k // 32, n] * q[n, k]: 8-bit codes q in -128..127 and a bf16 scale per group of
+    32 inputs (GGUF's Q8_0 blocks, kept as they are but for the bf16 scale).
+
+    There is no CPU kernel for group-scaled 8-bit codes, and torch's per-row one (`_weight_int8pack_mm`) takes 3x the
+    int4 kernel's time over the same matrix at batch 1 (5.7 vs 2.1 ms for the bundled model's 49,152 x 576 output
+    layer, one thread). So each code is split into two 4-bit halves, q + 128 = 16 h + l, and the layer is the sum of
+    two int4 layers over the same bytes, with bf16 scales that are exact (powers of two times s):
+
+        W = s (16 h + l - 128) = [(h - 8) 16 s + 8 s]  +  [(l - 8) s + 0]
+            (the int4 form (q - 8) * scale + zero:   high: scale 16 s, zero 8 s;   low: scale s, zero 0)
+
+    Each half's product is rounded to bf16 once and the two are added in fp32."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        """codes (out, in) integers -128..127; scale (out, in // 32): W = scale * codes per group of 32."""
+        super().__init__()
+        self.out_features, self.in_features = _check_groups(codes.shape, "int8")
+        u = codes.to(torch.int16) + 128  # (out, in) 0..255 = 16 h + l
+        scale = scale.to(torch.bfloat16).float()  # as the kernel reads it: 16 s and 8 s are then exact too
+        high, high_sz = int4_operands(u >> 4, 16 * scale, 8 * scale)
+        low, low_sz = int4_operands(u & 15, scale, torch.zeros_like(scale))
+        for name, t in (("high", high), ("high_scale_zero", high_sz), ("low", low), ("low_scale_zero", low_sz)):
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Symmetric group-wise int8 of a float matrix (out, in): each group of 32 scaled by its largest |w| / 127."""
+        n, k = _check_groups(w.shape, "int8")
+        g = w.float().reshape(n, k // GROUP, GROUP)  # (out, groups, 32)
+        absmax = torch.maximum(g.amax(-1), -g.amin(-1))  # (out, groups) largest |w| (faster than abs())
+        scale = (absmax / 127).clamp(min=1e-12).to(torch.bfloat16).float()  # rounded as the kernel will read it
+        codes = (g / scale[..., None]).round_().clamp_(-128, 127)  # codes for the rounded scale
+        return cls(codes.reshape(n, k), scale, bias)
+
+    @classmethod
+    def from_codes(cls, codes, scale, bias=None) -> "Int8Linear":
+        """From GGUF's Q8_0 form W = scale * codes, per group of 32."""
+        return cls(codes, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (rows, in)
+        n = self.out_features
+        if x2.shape[0] >= GEMM_ROWS and _gemm_pays() and _int4_block() is not None:  # a chunk: one bf16 product
+            y = F.linear(x2, self.dequantize().to(torch.bfloat16)).float()  # (rows, out)
+        else:  # the two halves' products (rows, out) bf16, added in fp32
+            y = int4_mm(x2, self.high, self.high_scale_zero, n).float().add_(int4_mm(x2, self.low, self.low_scale_zero, n))
+        y = y.view(*x.shape[:-1], n)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """W (out, in) fp32, exactly s * q as the two halves hold it."""
+        n, k = self.out_features, self.in_features
+        q = int4_codes(self.high, n).float() * 16 + int4_codes(self.low, n).float() - 128  # (out, in)
+        scale = self.low_scale_zero[:, :n, 0].T.float()  # (out, groups)
+        return (q.view(n, k // GROUP, GROUP) * scale[..., None]).view(n, k)
+
+
+def int4_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """codes (out, in) 0..15 and scale, zero (out, in // 32) -> the int4 kernel's operands: the packed codes
+    (out + pad, in / 2) uint8 and the (scale, zero) pairs (in // 32, out + pad, 2) bf16; the kernel wants a multiple
+    of 16 output rows, so `pad` zero rows are added (int4_mm drops their outputs)."""
+    pad = -codes.shape[0] % 16
+    codes = codes.to(torch.uint8)
+    if pad:
+        codes, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scale, zero))
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (in // 32, out + pad, 2)
+    return pack_int4(codes), sz.to(torch.bfloat16).contiguous()
+
+
+def int4_mm(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, out: int) -> torch.Tensor:
+    """x2 (rows, in) bf16 times the int4 matrix's transpose -> (rows, out) bf16, without the padding rows."""
+    y = torch._weight_int4pack_mm_for_cpu(x2, packed, GROUP, scale_zero)  # (rows, out + pad)
+    return y if y.shape[1] == out else y[:, :out]
+
+
+def int4_codes(packed: torch.Tensor, out: int) -> torch.Tensor:
+    """The codes (out, in) 0..15 of a packed matrix: unpacked with tensor ops where msrnn knows this CPU's layout,
+    else read back through the kernel itself (scale 1 and zero 8 make each weight its code, exact in bf16)."""
+    block = _int4_block()
+    if block is not None:
+        return unpack_int4(packed, block)[:out]
+    k = packed.shape[1] * 2
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(k // GROUP, packed.shape[0], 2).contiguous()
+    return int4_mm(torch.eye(k, dtype=torch.bfloat16), packed, unit, out).T.to(torch.uint8)
+
+
+def _check_groups(shape, fmt: str) -> tuple[int, int]:
+    """(out, in) of a matrix the int4 kernel can hold (int8 too: two int4 halves): its inputs must split into groups
+    of 32 (the kernel's smallest)."""
     n, k = shape
     if k % GROUP:
-        raise CheckpointError(f"int4 weights need an input size divisible by {GROUP}; this matrix is {n} x {k}. "
-                              "Load the model with dtype int8 (or bf16/fp32) instead.")
+        raise CheckpointError(f"{fmt} weights need an input size divisible by {GROUP}; this matrix is {n} x {k}. "
+                              "Load the model with dtype bf16 or fp32 instead.")
     return n, k
 
 
@@ -207,6 +252,8 @@ def linear(fmt: str, w, bias: torch.Tensor | None = None) -> nn.Module:
     if isinstance(w, Codes):
         if fmt == "int4" and w.bits == 4:
             return Int4Linear.from_codes(w.codes, w.scale, w.offset, bias)
+        if fmt == "int8" and w.bits == 8:  # Q8_0: no offset
+            return Int8Linear.from_codes(w.codes, w.scale, bias)
         w = w.dequantize()  # another format than the file's: re-quantize from the float values
     if fmt == "int8":
         return Int8Linear.quantize(w, bias)

@@ -67,6 +67,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated_half * sin
 
 
+def fused_turn(cos: torch.Tensor, sin: torch.Tensor, turned: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, T, hd) -> tables (B, T, heads, hd) that turn a fused projection's first `turned` heads (q | k)
+    with `turn` and leave the rest (v) as they are (cos 1, sin 0), so that one `turn` rotates the whole q | k | v
+    of a layer in 4 operations, once per step for all layers. sin's first half is negated: rotate_half(x) * sin is
+    then roll(x, hd/2) * sin, bit for bit ((-x2) * s = x2 * (-s))."""
+    B, T, hd = cos.shape
+    signed = torch.cat((-sin[..., : hd // 2], sin[..., hd // 2 :]), dim=-1)  # (B, T, hd)
+    c = torch.ones(B, T, heads, hd, dtype=cos.dtype, device=cos.device)
+    s = torch.zeros(B, T, heads, hd, dtype=sin.dtype, device=sin.device)
+    c[:, :, :turned], s[:, :, :turned] = cos[:, :, None], signed[:, :, None]
+    return c, s
+
+
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` with tables from `fused_turn`: x*cos + roll(x)*sin, roll(x) = (x2, x1) (the same products and sum)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
 LOGLOG_LINEAR = 10  # gaps up to this many tokens keep their exact length under the loglog scheme
 AT_USE = ("shift", "loglog")  # schemes whose keys are cached un-rotated and rotated at every use
 # absolute: keys rotated once at their stream position. rebase: the same, but when the next position would reach the

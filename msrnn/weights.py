@@ -219,9 +219,8 @@ def build(cfg: Config, hf_tensors: dict, fmt: str, identity: str):
         linears.append("lm_head")
     formats = {name: quant.native_format(sd[name + ".weight"], compute) if fmt == "auto" else fmt for name in linears}
     embed = sd["embed.weight"]
-    if isinstance(embed, quant.Codes):  # one float copy serves the lookup table and a tied head
-        table = embed.dequantize()
-        sd = {k: table if v is embed else v for k, v in sd.items()}
+    if isinstance(embed, quant.Codes):  # the lookup table is float; a tied int head keeps the file's codes
+        sd["embed.weight"] = embed.dequantize()
     for name in linears:
         w, bias = sd.pop(name + ".weight"), sd.pop(name + ".bias", None)
         parent, _, attr = name.rpartition(".")

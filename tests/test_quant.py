@@ -56,14 +56,33 @@ def test_int4_linear_multiplies_by_its_quantized_matrix(n, rows):
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_int8_linear_multiplies_by_its_quantized_matrix(rows):
-    w, x, b = torch.randn(40, 48), torch.randn(2, rows, 48), torch.randn(40)
+@pytest.mark.parametrize("n", [48, 40])  # 40 rows: padded to 48 for the kernel, the extra outputs dropped
+def test_int8_linear_multiplies_by_its_quantized_matrix(n, rows):
+    """int8 is two int4 halves over the same codes: the layer holds s * q exactly (q + 128 = 16 h + l), within
+    half a code step of each group's float weights, and multiplies by it up to the halves' bf16 outputs."""
+    w, x, b = torch.randn(n, 96), torch.randn(2, rows, 96), torch.randn(n)
+    w[0, :32] = 0  # a group of zeros: scale clamped, codes 0
     layer = quant.Int8Linear.quantize(w, b)
     deq = layer.dequantize()
-    assert ((w - deq).abs() <= w.abs().amax(1, keepdim=True) / 127 / 2 * (1 + 4 * BF16)).all()
+    absmax = w.view(n, 3, 32).abs().amax(-1, keepdim=True)  # (out, groups, 1)
+    assert ((w - deq).view(n, 3, 32).abs() <= absmax / 127 / 2 * (1 + 4 * BF16)).all()
+    codes = torch.randint(-128, 128, (n, 96), generator=torch.Generator().manual_seed(n))
+    scale = torch.rand(n, 3) + 0.5  # one per group of 32
+    exact = quant.Int8Linear.from_codes(codes, scale).dequantize()  # the extreme codes -128 and 127 included
+    want = codes.float().view(n, 3, 32) * scale.bfloat16().float()[..., None]
+    assert torch.equal(exact, want.view(n, 96))
     ref = x.bfloat16().float() @ deq.T + b.bfloat16().float()
     y = layer(x)
-    assert y.shape == (2, rows, 40) and torch.allclose(y, ref, rtol=4 * BF16, atol=4 * BF16 * ref.abs().max())
+    assert y.dtype == torch.float32 and y.shape == (2, rows, n)
+    assert torch.allclose(y, ref, rtol=4 * BF16, atol=4 * BF16 * ref.abs().max())
+
+
+def test_int8_codes_read_back_through_the_kernel_on_any_cpu(monkeypatch):
+    """Where msrnn does not know the CPU's int4 layout, the codes are read back through the kernel itself."""
+    layer = quant.Int8Linear.quantize(torch.randn(40, 64))
+    want = layer.dequantize()
+    monkeypatch.setattr(quant, "_int4_block", lambda: None)
+    assert torch.equal(layer.dequantize(), want)
 
 
 def test_gguf_blocks_are_read_as_the_files_codes(tmp_path):
@@ -86,6 +105,8 @@ def test_gguf_blocks_are_read_as_the_files_codes(tmp_path):
     assert isinstance(qkv, quant.Int4Linear) and isinstance(model.layers[0].down, quant.Int8Linear)
     want = torch.cat([floats[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"])
     assert torch.allclose(qkv.dequantize(), want, rtol=0, atol=4 * BF16 * want.abs().max())
+    down = floats["model.layers.0.mlp.down_proj.weight"]  # Q8_0: the file's codes, only the scale rounded to bf16
+    assert torch.allclose(model.layers[0].down.dequantize(), down, rtol=BF16, atol=0)
 
 
 def tiny_dir(tmp_path, **kw):
@@ -122,16 +143,16 @@ def test_every_policy_runs_at_every_dtype(tmp_path, fmt):
         assert (a - b).abs().max() <= bound * (a.max() - a.min()), (name, float((a - b).abs().max()))
 
 
-def test_int_kernels_refuse_shapes_they_cannot_take(tmp_path):
-    with pytest.raises(CheckpointError, match="divisible by 16"):  # torch's int8 kernel would crash on it
-        quant.Int8Linear.quantize(torch.randn(8, 50))
-
-
-def test_int4_needs_inputs_in_groups_of_32(tmp_path):
+def test_int_weights_need_inputs_in_groups_of_32(tmp_path):
+    """Both int formats run on the int4 kernel, whose smallest group is 32 inputs: anything else is refused with
+    the formats that work."""
+    with pytest.raises(CheckpointError, match="int8 .*divisible by 32.*bf16"):
+        quant.Int8Linear.quantize(torch.randn(8, 48))
     path = save(hf_model("llama"), tmp_path / "m")  # hidden 32, intermediate 48: down_proj takes 48 inputs
-    with pytest.raises(CheckpointError, match="divisible by 32.*int8"):
-        msrnn.load_model(path, dtype="int4")
-    assert quant.weight_format(msrnn.load_model(path, dtype="int8")) == "int8"
+    for fmt in ("int4", "int8"):
+        with pytest.raises(CheckpointError, match=f"{fmt} .*divisible by 32.*bf16"):
+            msrnn.load_model(path, dtype=fmt)
+    assert quant.weight_format(msrnn.load_model(path, dtype="bf16")) == "bf16"
 
 
 def test_bad_dtype_and_device_say_what_to_do(tmp_path):

@@ -2,7 +2,7 @@
 import torch
 
 from msrnn.config import RopeConfig
-from msrnn.rope import cos_sin, effective_positions, inv_frequencies
+from msrnn.rope import cos_sin, effective_positions, fused_turn, inv_frequencies, rotate, turn
 
 
 def test_effective_positions_by_hand():
@@ -41,3 +41,17 @@ def test_effective_positions_of_rows_with_schemes_of_their_own():
     assert mixed[0].tolist() == [5, -1, 100, 40]  # absolute: the positions themselves (empty slots at -1)
     assert mixed[1:].tolist() == effective_positions(pos[1:], "shift").tolist() == [[0, -1, 2, 1], [1, 0, -1, 2]]
     assert effective_positions(pos, ("rebase",) * 3).tolist() == effective_positions(pos, "absolute").tolist()
+
+
+def test_the_fused_turn_is_rotate_on_q_and_k_and_leaves_v_alone():
+    """The step turns the whole q | k | v projection at once (rope.fused_turn + turn): bit for bit `rotate` on the
+    q and k heads, the v heads untouched; with per-token frequencies (dynamic scaling) too."""
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, hd = 4, 2, 16
+    x = torch.randn(2, 5, H + 2 * Hkv, hd, generator=g)  # (B, T, heads of q | k | v, hd)
+    pos = torch.tensor([[0, 1, 2, 3, 900], [7, 8, 9, 10, 11]])
+    for inv_freq in (inv_frequencies(RopeConfig(), hd, 64), torch.rand(5, hd // 2, generator=g)):
+        cos, sin = cos_sin(pos, inv_freq, torch.float32)  # (B, T, hd)
+        out = turn(x, *fused_turn(cos, sin, H + Hkv, H + 2 * Hkv))
+        assert torch.equal(out[:, :, : H + Hkv], rotate(x[:, :, : H + Hkv], cos[:, :, None], sin[:, :, None]))
+        assert torch.equal(out[:, :, H + Hkv :], x[:, :, H + Hkv :])
