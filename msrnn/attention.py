@@ -13,6 +13,8 @@ function (equal logits, the same states kept):
                    tests/test_policies.py::test_fast_prefill_is_one_eviction_by_the_last_query
   scan             the rest of a bounded chunk (T > 1, exact prefill): token by token, over projections that ran
                    layer-major          tests/test_scan.py::test_layer_major_equals_token_major
+  one_query        a decode step (T = 1) of an unbounded layer: append, attend (ring_step's first half)
+                   tests/test_model_vs_transformers.py::test_logits_equal_transformers (stepped, windows too)
   ring_step        a decode step (T = 1) of a bounded layer that holds exactly its k states: one slot rewritten
                    tests/test_scan.py::test_a_full_layer_steps_by_replacing_one_slot_exactly_as_the_general_path_does
   compiled step    model.compile(): a one-token step through torch.compile; all layers as one graph once each
@@ -59,8 +61,14 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
     bounded = policy is not None and policy.states is not None
     if valid is not None:
         pos = pos.masked_fill(~valid, EMPTY)  # a padding token never enters: its slot is EMPTY from the start
-    elif bounded and each_token and T == 1 and not rotates_at_use(scheme) and layer_state.holds_exactly(policy):
-        return ring_step(q, k, v, layer_state, pos, policy, window, inv_freq)  # the common decode step, in fewer operations
+    elif T == 1 and each_token and not rotates_at_use(scheme):  # the decode steps, in fewer operations
+        if not bounded and not fused:  # the full cache's step: nothing leaves
+            out = one_query(q, k, v, layer_state, pos, window)[1]  # (B, Hkv, G, hd)
+            if layer_state.trace is not None:
+                layer_state.trace(pos[:, 0], layer_state.pos[:, :, : layer_state.size])
+            return out.view(B, 1, H * hd)
+        if bounded and layer_state.holds_exactly(policy):
+            return ring_step(q, k, v, layer_state, pos, policy, window, inv_freq)
     if bounded and each_token and T > 1:
         layer_state.sort_by_position()  # then every candidate slot is in position order (see scan)
     n0 = layer_state.size
@@ -114,34 +122,43 @@ def ring_step(q, k, v, layer_state, pos, policy: Policy, window, inv_freq=None) 
     policy). Same arithmetic as `scan` with T = 1, without the bookkeeping a chunk or a ragged batch needs.
     inv_freq: the RoPE frequencies, for a policy that needs_queries."""
     B, Hkv, G, _, hd = q.shape
-    layer_state.append(k, v, pos)  # k -> k + 1 candidates, the newest in the last slot
+    probs, out = one_query(q, k, v, layer_state, pos, window)  # k -> k + 1 candidates, the newest in the last slot
     S = layer_state.size
     kpos, score = layer_state.pos[:, :, :S], layer_state.score[:, :, :S]  # (B, Hkv, S) views
-    probs = attention_probs(q, layer_state.keys[:, :, :S], pos, kpos, window,
-                            all_visible=window is None and not layer_state.maybe_empty)  # holes: budgets per head
-    out = probs.view(B, Hkv, G, S).to(v.dtype) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd), before a slot is reused
     attn = probs.view(B, Hkv * G, S) if policy.needs_attention or policy.keeps_score else None  # (B, H, S)
     if policy.keeps_score:
         score.copy_(update_score(policy, score, attn[:, :, None]))
     queries = q.view(B, Hkv * G, hd) if policy.needs_queries else None  # (B, H, hd)
     prio = ask(policy, attn, kpos, score, layer_state, S, queries, rope_at(inv_freq, 0))  # (B, 1 or Hkv, S)
     prio = check_priority(policy, prio, kpos)  # its shape and dtype; NaN is checked once per step, after the last
-    layer_state.unranked = prio.isnan().flatten(1).any(1)  # layer (B,): no host sync here (check_unranked)
-    layer_state.replace_lowest(prio)
+    layer_state.unranked = layer_state.replace_lowest(prio)  # NaN: checked once a step after the last layer
     if layer_state.trace is not None:
         layer_state.trace(pos[:, 0], layer_state.pos[:, :, : S - 1])
     return out.view(B, Hkv * G * hd)[:, None]  # (B, 1, H*hd)
 
 
+def one_query(q, k, v, layer_state, pos, window):
+    """One token's state enters the layer (the last slot in use) and its query attends over the n + 1 states held:
+    (probs (B, Hkv, G, 1, S) fp32, out (B, Hkv, G, hd)). The whole decode step of an unbounded layer; ring_step's
+    first half. q (B, Hkv, G, 1, hd), k, v (B, Hkv, 1, hd), pos (B, 1)."""
+    B, Hkv, G, _, hd = q.shape
+    layer_state.append(k, v, pos)  # n -> n + 1 states
+    S = layer_state.size
+    probs = attention_probs(q, layer_state.keys[:, :, :S], pos, layer_state.pos[:, :, :S], window,
+                            all_visible=window is None and not layer_state.maybe_empty)  # holes: budgets per head
+    out = probs.view(B, Hkv, G, S).to(v.dtype) @ layer_state.values[:, :, :S]  # (B, Hkv, G, hd), before a slot is reused
+    return probs, out
+
+
 def check_unranked(layer_states, policy_of) -> None:
     """Raise for NaN priorities that `ring_step` recorded in any of these layers (one host sync for all of them);
     policy_of(i) is layer i's policy, to name it."""
-    pending = [(i, layer.unranked) for i, layer in enumerate(layer_states) if layer.unranked is not None]
+    pending = [(i, layer.unranked.flatten(1)) for i, layer in enumerate(layer_states) if layer.unranked is not None]
     for layer in layer_states:
         layer.unranked = None
-    if pending and bool(torch.stack([rows for _, rows in pending]).any()):
-        i, rows = next((i, rows) for i, rows in pending if bool(rows.any()))
-        raise nan_error(policy_of(i), int(rows.nonzero()[0]))
+    if pending and bool(torch.cat([low for _, low in pending], 1).isnan().any()):  # (B, layers x Hkv)
+        i, low = next((i, low) for i, low in pending if bool(low.isnan().any()))
+        raise nan_error(policy_of(i), int(low.isnan().any(1).nonzero()[0]))
 
 
 def ask(policy: Policy, attn, pos, score, layer_state, S: int, queries=None, inv_freq=None):

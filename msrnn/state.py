@@ -33,12 +33,14 @@ def l1_norms(values: torch.Tensor) -> torch.Tensor:
     return values.float().abs().sum(dim=-1)
 
 
-def oldest_lowest(prio: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+def oldest_lowest(prio: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor | None = None, lowest: bool = False):
     """(B, Hkv, 1) the slot of each row's lowest priority, the oldest of equals (the recurrence's tie rule); prio and
-    pos (B, Hkv, n), with the slots in `hidden` (EMPTY) given priority INF beforehand and never chosen."""
+    pos (B, Hkv, n), with the slots in `hidden` (EMPTY) given priority INF beforehand and never chosen. lowest=True:
+    (slot, that lowest priority (B, Hkv, 1)), NaN where a priority was NaN."""
     low = prio.amin(dim=-1, keepdim=True)  # (B, Hkv, 1)
     others = prio != low if hidden is None else (prio != low) | hidden
-    return pos.masked_fill(others, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)
+    slot = pos.masked_fill(others, OLDEST_SENTINEL).argmin(dim=-1, keepdim=True)
+    return (slot, low) if lowest else slot
 
 
 @dataclass
@@ -52,8 +54,9 @@ class LayerState:
     # trace(step, pos): called by the model after each step that may have evicted, with the newest position of each
     # row (B,) and the positions then held (B, Hkv, n), EMPTY = not held (msrnn.inspect records retention with it)
     trace: Callable | None = field(default=None, repr=False, compare=False)
-    # unranked: rows (B,) whose policy returned NaN priorities in the last ring_step, checked by the model once per
-    # step (a host sync per layer would split a compiled step); None when nothing is pending
+    # unranked: the lowest priority of each row and kv head (B, Hkv, 1) in the last ring_step, NaN where the policy
+    # returned a NaN priority (amin propagates it); checked by the model once per step for all layers (a host sync
+    # per layer would split a compiled step); None when nothing is pending
     unranked: torch.Tensor | None = field(default=None, repr=False, compare=False)
     # norms (B, Hkv, C) fp32: l1_norms(values) of every slot, kept only once a policy has asked (value_norms());
     # a value never changes while its state is held, so its norm is computed when it enters and moves with its slot
@@ -169,7 +172,7 @@ class LayerState:
         budget = policy.budget()  # (B, 1, 1) when rows have budgets of their own: the general path
         return isinstance(budget, int) and self.size == budget and not self.maybe_empty and not policy.drops
 
-    def replace_lowest(self, priority: torch.Tensor) -> None:
+    def replace_lowest(self, priority: torch.Tensor) -> torch.Tensor:
         """The recurrence's eviction in a full layer whose newest state sits in the last slot: the state of lowest
         priority (ties: the oldest) leaves, and the newest moves into its slot (or leaves itself, if it is the
         lowest). One slot written per row and kv head. priority (B, 1 or Hkv, n) float. EMPTY slots (the holes of
@@ -180,13 +183,14 @@ class LayerState:
         if self.maybe_empty:
             hidden = pos == EMPTY
             prio = prio.masked_fill(hidden, INF)
-        slot = oldest_lowest(prio, pos, hidden)  # (B, Hkv, 1)
+        slot, low = oldest_lowest(prio, pos, hidden, lowest=True)  # (B, Hkv, 1) each
         for buf in (self.keys, self.values):  # (B, Hkv, C, hd)
             buf.scatter_(2, slot[..., None].expand(-1, -1, -1, hd), buf[:, :, n - 1 : n].clone())
         for buf in self._per_slot():  # (B, Hkv, C)
             buf.scatter_(2, slot, buf[:, :, n - 1 : n].clone())
         self.pos[:, :, n - 1] = EMPTY
         self.size = n - 1
+        return low
 
     def keep_top(self, priority: torch.Tensor, budget) -> None:
         """Keep in every row and kv head its `budget` live states of highest priority (ties keep the newest) and
