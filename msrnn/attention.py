@@ -104,7 +104,7 @@ def attend(q, k, v, layer_state, pos, policy: Policy | None, each_token: bool = 
         rest = scan(q[:, :, :, first:], layer_state, n0 + first, policy, scheme, inv_scan, window,
                     None if valid is None else valid[:, first:])
         if out is None:
-            probs = torch.cat([probs, rest], dim=3)
+            probs = torch.cat([probs, rest], dim=3) if first else rest  # (B, Hkv, G, T, S)
         else:  # fused parallel part: the recurrence's part gets its own product
             out = torch.cat([out.view(B, Hkv, G, first, hd), rest.to(v.dtype) @ layer_state.values[:, :, None, :S]], 3)
     if out is None:
@@ -276,14 +276,14 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
     entering = true_pos[:, :, start:]  # (B, Hkv, T) the new tokens, in order
     pos[:, :, start:] = EMPTY
     qpos = entering[:, 0]  # (B, T)
-    too_old = None  # step-major buffers below ((T, ...) first): what step t reads is contiguous
+    too_old = None  # step-major ((T, ...) first): what step t reads is contiguous
     if window is not None:  # Mistral: a state further back than the window is invisible (not evicted)
         too_old = (qpos.T[:, :, None, None] - true_pos[None]) >= window  # (T, B, Hkv, S)
     scores = None
     if not rotates_at_use(scheme):  # keys do not move: all T queries against all S slots at once
         scores = (q.reshape(B, Hkv, G * T, hd) @ layer_state.keys[:, :, :S].transpose(-1, -2)).view(B, Hkv, G, T, S)
-        scores = (scores * (1.0 / math.sqrt(hd))).permute(3, 0, 1, 2, 4).contiguous()  # (T, B, Hkv, G, S)
-    probs = torch.empty(T, B, Hkv, G, S, device=q.device)  # fp32
+        scores = scores.mul_(1.0 / math.sqrt(hd))  # step t reads scores[:, :, :, t]: rows of S, no reordering copy
+    probs = torch.empty(B, Hkv, G, T, S, device=q.device)  # fp32, in the layout the output's product reads
     needs_attn = policy.needs_attention or policy.keeps_score
     budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
     # The common case in fewer operations: one budget, rows that all hold the same number of states, no "drop now"
@@ -304,12 +304,12 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
             qt = rotate(q[:, :, :, t], c[:, :, None, start + t], s[:, :, None, start + t])  # (B, Hkv, G, hd)
             row = (qt @ rotate(layer_state.keys[:, :, :S], c, s).transpose(-1, -2)) * (1.0 / math.sqrt(hd))
         else:
-            row = scores[t]  # (B, Hkv, G, S)
+            row = scores[:, :, :, t]  # (B, Hkv, G, S)
         mask = hidden if too_old is None else hidden | too_old[t]
         p = F.softmax(row.masked_fill(mask[:, :, None], lowest), dim=-1, dtype=torch.float32)  # (B, Hkv, G, S)
         if valid is not None:
             p = p * valid[:, t, None, None, None]  # a padding query attends to nothing
-        probs.select(0, t).copy_(p)
+        probs.select(3, t).copy_(p)
         attn = p.view(B, Hkv * G, S) if needs_attn else None  # (B, H, S) query head h = kv head h // G
         if policy.keeps_score:
             score.copy_(update_score(policy, score, attn[:, :, None], None if valid is None else valid[:, t : t + 1]))
@@ -328,7 +328,7 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
             layer_state.drop_lowest(prio, budget, hidden)
         if layer_state.trace is not None:
             layer_state.trace(qpos[:, t], pos)
-    return probs.permute(1, 2, 3, 0, 4)  # (B, Hkv, G, T, S)
+    return probs  # (B, Hkv, G, T, S)
 
 
 def attention_probs(q, keys, qpos, kpos, window, all_visible=False):
