@@ -6,14 +6,13 @@ Runs what `msrnn eval ppl` computes with its defaults (the reference pass of the
 budget cell of each batch of chunks in one batch state: msrnn/ppl.py::run_grid), with a hook on every linear layer
 that records the shape of each call it makes. The floor is then those same products and nothing else: one
 F.linear per call, (rows, in) x (out, in), on random weights of the model's dtype, each distinct shape timed
-(median of a few) and multiplied by how often the grid called it. No evaluation can do its matrix products in less,
+(the fastest of a few) and multiplied by how often the grid called it. No evaluation can do its matrix products in less,
 so grid / floor says what everything else costs (the token-by-token scan, the policies, the measures). Also printed:
 the time the grid spent inside its linear layers, which says whether its products ran at the floor's rate.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import Counter
 
@@ -46,8 +45,8 @@ def watch(model):
     return calls, inside
 
 
-def floor_seconds(calls: Counter, dtype, repeats: int = 3) -> float:
-    """The products alone: each distinct (rows, in, out) timed (median of `repeats`), times its count."""
+def floor_seconds(calls: Counter, dtype, repeats: int = 5) -> float:
+    """The products alone: each distinct (rows, in, out) timed (the fastest of `repeats`: a floor), times its count."""
     total = 0.0
     for (rows, k, n), count in calls.items():
         x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
@@ -57,7 +56,7 @@ def floor_seconds(calls: Counter, dtype, repeats: int = 3) -> float:
             t0 = time.perf_counter()
             F.linear(x, w)
             times.append(time.perf_counter() - t0)
-        total += statistics.median(times) * count
+        total += min(times) * count
     return total
 
 

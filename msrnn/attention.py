@@ -283,7 +283,9 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
     if not rotates_at_use(scheme):  # keys do not move: all T queries against all S slots at once
         scores = (q.reshape(B, Hkv, G * T, hd) @ layer_state.keys[:, :, :S].transpose(-1, -2)).view(B, Hkv, G, T, S)
         scores = scores.mul_(1.0 / math.sqrt(hd))  # step t reads scores[:, :, :, t]: rows of S, no reordering copy
-    probs = torch.empty(B, Hkv, G, T, S, device=q.device)  # fp32, in the layout the output's product reads
+    # fp32 probabilities in the layout the output's product reads; step t writes its own over its scores (in fp32)
+    fp32 = scores is not None and scores.dtype == torch.float32
+    probs = scores if fp32 else torch.empty(B, Hkv, G, T, S, device=q.device)
     needs_attn = policy.needs_attention or policy.keeps_score
     budget, overfull = policy.budget(), start > policy.min_budget()  # a state continued under a smaller budget
     # The common case in fewer operations: one budget, rows that all hold the same number of states, no "drop now"
@@ -304,9 +306,9 @@ def scan(q, layer_state, start, policy: Policy, scheme: str, inv_freq, window, v
             qt = rotate(q[:, :, :, t], c[:, :, None, start + t], s[:, :, None, start + t])  # (B, Hkv, G, hd)
             row = (qt @ rotate(layer_state.keys[:, :, :S], c, s).transpose(-1, -2)) * (1.0 / math.sqrt(hd))
         else:
-            row = scores[:, :, :, t]  # (B, Hkv, G, S)
+            row = scores[:, :, :, t]  # (B, Hkv, G, S) a view, free to overwrite: only step t reads it
         mask = hidden if too_old is None else hidden | too_old[t]
-        p = F.softmax(row.masked_fill(mask[:, :, None], lowest), dim=-1, dtype=torch.float32)  # (B, Hkv, G, S)
+        p = F.softmax(row.masked_fill_(mask[:, :, None], lowest), dim=-1, dtype=torch.float32)  # (B, Hkv, G, S)
         if valid is not None:
             p = p * valid[:, t, None, None, None]  # a padding query attends to nothing
         probs.select(3, t).copy_(p)
