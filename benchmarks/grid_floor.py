@@ -80,7 +80,7 @@ def main() -> None:
     floor = floor_seconds(calls, model.dtype)
     flops = sum(2 * rows * k * n * c for (rows, k, n), c in calls.items())
     print(f"grid: {len(names)} policies x {budgets} on {len(data)} x {args.context} tokens, {args.threads} threads, fp32")
-    print(f"| | seconds | x floor |\n|---|---:|---:|")
+    print(f"\n| | seconds | x floor |\n|---|---:|---:|")
     print(f"| the grid (reference + every cell) | {grid:.1f} | {grid / floor:.2f} |")
     print(f"| inside its linear layers | {inside[0]:.1f} | {inside[0] / floor:.2f} |")
     print(f"| floor: the same products alone ({flops / 1e12:.1f} TFLOP, {flops / floor / 1e9:.0f} GFLOP/s) | "
