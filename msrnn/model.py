@@ -65,9 +65,8 @@ class Block(nn.Module):
 
         rope = (inv_freq, cos, sin) of the new tokens' absolute positions pos (B, T); inv_freq is (hd/2,), or
         (T, hd/2) when each token has its own (dynamic scaling, token by token); cos, sin are `rope.fused_turn`'s
-        tables for the fused projection. each_token: the policy evicts after
-        every token (the recurrence, run here layer-major: see `attention.scan`); False: once, after the whole chunk
-        (fast prefill)."""
+        tables for the fused projection. each_token: the policy evicts after every token (the recurrence, run here
+        layer-major: see `attention.scan`); False: once, after the whole chunk (fast prefill)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

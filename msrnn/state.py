@@ -176,7 +176,8 @@ class LayerState:
         """The recurrence's eviction in a full layer whose newest state sits in the last slot: the state of lowest
         priority (ties: the oldest) leaves, and the newest moves into its slot (or leaves itself, if it is the
         lowest). One slot written per row and kv head. priority (B, 1 or Hkv, n) float. EMPTY slots (the holes of
-        a kv head whose budget is smaller than the layer's largest) are never chosen."""
+        a kv head whose budget is smaller than the layer's largest) are never chosen. Returns the lowest priority
+        of each row and kv head (B, Hkv, 1): NaN where the policy gave a NaN (the caller's check, no host sync here)."""
         n, hd = self.size, self.keys.shape[-1]
         pos = self.pos[:, :, :n]  # (B, Hkv, n)
         prio, hidden = priority.float().expand(pos.shape), None
