@@ -99,8 +99,8 @@ class LayerState:
         new = slice(self.size, self.size + T)
         self.keys[:, :, new] = k
         self.values[:, :, new] = v
-        self.pos[:, :, new] = pos[:, None, :]  # every kv head sees the same new tokens
-        self.score[:, :, new] = 0.0
+        self.pos[:, :, new].copy_(pos[:, None])  # every kv head sees the same new tokens
+        self.score[:, :, new].zero_()
         if self.norms is not None:
             self.norms[:, :, new] = l1_norms(self.values[:, :, new])  # (B, Hkv, T) of the values as stored
         if self.surprise is not None:
@@ -189,7 +189,7 @@ class LayerState:
             buf.scatter_(2, slot[..., None].expand(-1, -1, -1, hd), buf[:, :, n - 1 : n].clone())
         for buf in self._per_slot():  # (B, Hkv, C)
             buf.scatter_(2, slot, buf[:, :, n - 1 : n].clone())
-        self.pos[:, :, n - 1] = EMPTY
+        self.pos[:, :, n - 1].fill_(EMPTY)
         self.size = n - 1
         return low
 

@@ -175,7 +175,11 @@ class TOVAOutliers(Policy):
 
     def priority(self, attn, pos, score, keys=None):
         score_out = outlying(keys, pos).masked_fill(pos == -1, -INF)  # (B, Hkv, n) KeyDiff's
-        top = score_out.topk(min(self.reserve, pos.shape[-1]), dim=-1).indices  # (B, Hkv, r)
+        # the most outlying r, the newest of equals: equal keys tie exactly (a repeated token's raw key when the
+        # scheme rotates at use), and slot order differs between stepping and the layer-major scan
+        newest = pos.argsort(dim=-1, descending=True, stable=True)  # (B, Hkv, n) slots, newest first
+        ranked = score_out.gather(-1, newest).argsort(dim=-1, descending=True, stable=True)  # ties keep that order
+        top = newest.gather(-1, ranked[..., : min(self.reserve, pos.shape[-1])])  # (B, Hkv, r)
         attention = per_kv_head(attn, pos.shape[1]).mean(dim=2)  # (B, Hkv, n) tova-head
         return attention.scatter(-1, top, INF)
 
