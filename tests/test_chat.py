@@ -5,6 +5,7 @@ import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_dir, tmp_path):
     child.send("/state\r")
     child.expect(r"2 messages")  # the user's and the (partial) answer
     child.expect("> ")
+    time.sleep(1)  # let readline reach its wait for input: a SIGINT just before it is only noticed on the next key
     child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the chat goes on
     child.expect("> ")
     assert child.isalive()
